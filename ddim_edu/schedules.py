@@ -1,0 +1,169 @@
+"""Noise schedules: the one place that owns ᾱ, the ODE variable σ and time conversions.
+
+Index convention (used by every public function of the library): a *timestep* ``t`` is the
+index ``i ∈ {0, …, T-1}`` that pretrained DDPM/DDIM/diffusers networks take as input, and
+``alphas_cumprod[i] = ᾱ_{i+1}``, the paper's ``α_{i+1}``. The paper's ``α_0 := 1`` sits at
+index ``-1``: a sampler's last step goes there and returns the x_0 prediction.
+
+The paper writes ``α_t`` for the cumulative product (DDPM's ``ᾱ_t``); here it is ``alpha_bar``.
+Its Section-4.3 ODE variable ``σ(t) = sqrt((1-ᾱ)/ᾱ)`` is :meth:`Schedule.sigma` (not the
+sampler's noise std σ_t of Eq 7/16, which lives in :mod:`ddim_edu.forward`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+SPACINGS = ("uniform", "quad", "trailing")
+
+
+class Schedule:
+    """A discrete variance schedule with a continuous extension, all in float64.
+
+    ``alpha_bar(t)`` interpolates ``log ᾱ`` linearly between integer timesteps (equivalently,
+    β is spread evenly over each unit interval), so it equals ``alphas_cumprod`` at integers,
+    is strictly decreasing, and has a closed-form inverse. It is defined on ``[-1, T-1]``
+    with ``alpha_bar(-1) = 1`` (the paper's ``α_0``).
+    """
+
+    def __init__(self, betas: Tensor):
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or len(betas) < 2:
+            raise ValueError(f"betas must be a 1-D sequence of length >= 2, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must lie in (0, 1); got values outside that range")
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        # log ᾱ at the knots t = -1, 0, …, T-1 (knot -1 is α_0 = 1).
+        self._log_alpha_knots = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(self.alphas_cumprod)])
+
+    @property
+    def T(self) -> int:
+        """Number of diffusion steps."""
+        return len(self.betas)
+
+    def __repr__(self) -> str:
+        return f"Schedule(T={self.T}, beta_1={self.betas[0].item():.3g}, beta_T={self.betas[-1].item():.3g})"
+
+    # --- ᾱ and its continuous extension -------------------------------------------------
+
+    def log_alpha_bar(self, t) -> Tensor:
+        """``log ᾱ(t)`` for float ``t ∈ [-1, T-1]``, linear between integers (float64)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if bool(((t < -1) | (t > self.T - 1)).any()) or bool(torch.isnan(t).any()):
+            raise ValueError(f"t must lie in [-1, T-1] = [-1, {self.T - 1}], got values from {t.min().item()} to {t.max().item()}")
+        u = t + 1.0  # position among the knots
+        lo = torch.clamp(torch.floor(u), max=self.T - 1).long()
+        frac = u - lo
+        knots = self._log_alpha_knots.to(t.device)
+        return knots[lo] + frac * (knots[lo + 1] - knots[lo])
+
+    def alpha_bar(self, t) -> Tensor:
+        """ᾱ(t) (the paper's α_t at paper time t+1) for float ``t ∈ [-1, T-1]``; exact at integers."""
+        return torch.exp(self.log_alpha_bar(t))
+
+    def t_from_log_alpha_bar(self, log_alpha) -> Tensor:
+        """Inverse of :meth:`log_alpha_bar`: the float timestep at which ``log ᾱ`` takes a value."""
+        log_alpha = torch.as_tensor(log_alpha, dtype=torch.float64)
+        knots = -self._log_alpha_knots.to(log_alpha.device)  # increasing
+        y = -log_alpha
+        if bool(((y < 0) | (y > knots[-1])).any()):
+            raise ValueError(
+                f"log ᾱ must lie in [{-knots[-1].item():.6g}, 0] for this schedule, "
+                f"got values from {log_alpha.min().item():.6g} to {log_alpha.max().item():.6g}"
+            )
+        hi = torch.clamp(torch.searchsorted(knots, y), 1, self.T)
+        lo = hi - 1
+        frac = (y - knots[lo]) / (knots[hi] - knots[lo])
+        return lo.to(torch.float64) + frac - 1.0
+
+    # --- the ODE variable σ = sqrt((1-ᾱ)/ᾱ) (Section 4.3, Eq 14) ----------------------
+
+    def sigma(self, t) -> Tensor:
+        """The ODE variable ``σ(t) = sqrt((1-ᾱ(t))/ᾱ(t))`` (Eq 14), float64; σ(-1) = 0."""
+        return torch.sqrt(torch.expm1(-self.log_alpha_bar(t)))
+
+    def t_from_sigma(self, sigma) -> Tensor:
+        """Inverse of :meth:`sigma`: the float timestep with ``σ(t) = sigma``."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        if bool((sigma < 0).any()):
+            raise ValueError(f"sigma must be >= 0, got min {sigma.min().item()}")
+        return self.t_from_log_alpha_bar(-torch.log1p(sigma**2))
+
+    @staticmethod
+    def alpha_bar_from_sigma(sigma) -> Tensor:
+        """``ᾱ = 1 / (1 + σ²)``, the inverse change of variables of Eq 14."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        return 1.0 / (1.0 + sigma**2)
+
+    # --- sub-sequences τ ------------------------------------------------------------------
+
+    def check_timesteps(self, timesteps, name: str = "timesteps") -> Tensor:
+        """Validate a sub-sequence τ (strictly increasing, within [0, T-1]) and return it as float64."""
+        try:
+            tau = torch.as_tensor(timesteps, dtype=torch.float64).cpu()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name} must be a 1-D sequence of numbers, got {type(timesteps).__name__}") from err
+        if tau.ndim != 1 or len(tau) == 0:
+            raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {tuple(tau.shape)}")
+        if len(tau) > self.T:
+            raise ValueError(f"{name} has {len(tau)} steps, more than T = {self.T}; use at most T steps")
+        if not bool(torch.isfinite(tau).all()) or bool(((tau < 0) | (tau > self.T - 1)).any()):
+            raise ValueError(f"{name} must lie in [0, T-1] = [0, {self.T - 1}], got {tau.min().item()} .. {tau.max().item()}")
+        if len(tau) > 1 and not bool((tau[1:] > tau[:-1]).all()):
+            raise ValueError(f"{name} must be strictly increasing (τ_1 < … < τ_S, sampling runs from the last); got {tau.tolist()[:8]}…")
+        return tau
+
+    def step_alphas(self, timesteps) -> tuple[Tensor, Tensor]:
+        """(ᾱ(τ_i), ᾱ(τ_{i-1})) for i = 1..S, float64, with ᾱ(τ_0) := 1 (the step into x_0)."""
+        alpha = self.alpha_bar(self.check_timesteps(timesteps))
+        return alpha, torch.cat([torch.ones(1, dtype=torch.float64), alpha[:-1]])
+
+
+    def timesteps(self, S: int, spacing: str = "uniform") -> Tensor:
+        """An increasing sub-sequence τ_1 < … < τ_S of timestep indices (float64 tensor).
+
+        - ``"uniform"`` (the paper's reference code, and the default): ``τ_i = (i-1)·⌊T/S⌋``,
+          i.e. 0, 100, …, 900 for T = 1000, S = 10. Sampling starts at τ_S = 900, below T-1.
+        - ``"quad"`` (the reference code's CIFAR-10 choice): ``⌊(linspace(0, sqrt(0.8T), S))²⌋``.
+          For large S the floor repeats small indices; repeats are dropped (a step from a timestep
+          to itself is the identity), so fewer than S points may come back.
+        - ``"trailing"`` (Lin et al. 2023): ``round(T - k·T/S) - 1`` for k = 0..S-1, so sampling
+          starts at T-1, where x_T ~ N(0, I) is (almost) exactly distributed.
+        """
+        if not isinstance(S, int) or isinstance(S, bool) or S < 1:
+            raise ValueError(f"S (number of steps) must be a positive int, got {S!r}")
+        if S > self.T:
+            raise ValueError(f"S (number of steps) must be <= T = {self.T}, got {S}")
+        T = self.T
+        if spacing == "uniform":
+            tau = torch.arange(S, dtype=torch.float64) * (T // S)
+        elif spacing == "quad":
+            tau = torch.unique(torch.floor(torch.linspace(0, math.sqrt(0.8 * T), S, dtype=torch.float64) ** 2))
+        elif spacing == "trailing":
+            tau = torch.flip(torch.round(torch.arange(T, 0, -T / S, dtype=torch.float64)[:S]) - 1, dims=[0])
+        else:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+        return tau
+
+
+def linear_schedule(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+    """DDPM's linear β schedule (Ho et al. 2020): β from ``beta_start`` to ``beta_end`` over T steps."""
+    _check_T(T)
+    return Schedule(torch.linspace(beta_start, beta_end, T, dtype=torch.float64))
+
+
+def cosine_schedule(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
+    """The cosine schedule of Nichol & Dhariwal (2021): ᾱ(u) ∝ cos²((u+s)/(1+s)·π/2), β clipped at ``max_beta``."""
+    _check_T(T)
+    u = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    betas = torch.clamp(1 - f[1:] / f[:-1], max=max_beta)
+    return Schedule(betas)
+
+
+def _check_T(T) -> None:
+    if not isinstance(T, int) or isinstance(T, bool) or T < 2:
+        raise ValueError(f"T must be an int >= 2, got {T!r}")
