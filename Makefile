@@ -26,11 +26,9 @@ help:
 	@echo "Variables: PYTHON=$(PYTHON)  VENV=$(VENV)  TORCH='$(TORCH)'  ARGS='$(ARGS)'"
 
 demo: $(VENV)/.installed-base
-	@echo "==> $(VENV_PY) -m ddim_edu.demo $(ARGS)"
 	$(VENV_PY) -m ddim_edu.demo $(ARGS)
 
 test: $(VENV)/.installed-dev
-	@echo "==> $(VENV_PY) -m pytest $(ARGS)"
 	$(VENV_PY) -m pytest $(ARGS)
 
 venv: $(VENV)/.created
