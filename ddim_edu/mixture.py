@@ -90,6 +90,9 @@ class GaussianMixture:
         """The exact ε as a model ``model(x, t)`` in the library's contract (t: timestep indices [B])."""
 
         def model(x: Tensor, t: Tensor) -> Tensor:
-            return self.eps(x, schedule.alpha_bar(t.to(torch.float64)).to(x.device))
+            t = t.to(torch.float64)
+            if bool((t == t[0]).all()):  # one noise level for the batch (a sampler's step): scalar ᾱ is cheaper
+                t = t[0]
+            return self.eps(x, schedule.alpha_bar(t).to(x.device))
 
         return model
