@@ -46,7 +46,8 @@ def call_model(model: Model, x: Tensor, t: Tensor, where: str) -> Tensor:
         raise ValueError(f"model must return ε with the shape of x {tuple(x.shape)}, got {shape} ({where})")
     if eps.dtype != x.dtype:
         raise ValueError(f"model must return ε in x's dtype {x.dtype}, got {eps.dtype} ({where}); cast the model or x")
-    if not bool(torch.isfinite(eps).all()):
+    # A sum is finite iff every entry is (short of overflow), and is far cheaper than isfinite().all().
+    if not bool(torch.isfinite(eps.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
         raise FloatingPointError(
             f"model returned NaN or inf ({where}); check its weights and inputs, or sample in float32/float64"
         )
@@ -80,8 +81,8 @@ def ddim_steps(
     generator: torch.Generator | None = None,
     clip_x0: float | None = None,
     progress: bool = False,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Eq 12 with σ = σ(η) of Eq 16; yields ``(x_{τ_{i-1}}, f_θ(x_{τ_i}))`` after each step.
+) -> Iterator[Tensor]:
+    """Eq 12 with σ = σ(η) of Eq 16; yields x_{τ_{i-1}} after each step, x_0 last.
 
     η = 0 is DDIM, η = 1 is DDPM's ancestral sampler on τ. Coefficients are computed once in
     float64; a step is then the model call and two fused tensor ops. ``clip_x0=c`` clamps the
@@ -95,19 +96,19 @@ def ddim_steps(
     sigma = sigma_eta(alpha, alpha_prev, eta)
     a, b = ddim_step_coefficients(alpha, alpha_prev, sigma)
     dir_coef = direction_coefficient(alpha_prev, sigma)
+    t_in = [time_input(t, x_T) for t in tau]
     x = x_T
     for i in tqdm(range(len(tau) - 1, -1, -1), disable=not progress, desc="DDIM", leave=False):
-        eps = call_model(model, x, time_input(tau[i], x), f"at timestep {tau[i].item():g}")
-        x0 = predict_x0(x, eps, alpha[i])
+        eps = call_model(model, x, t_in[i], f"at timestep {tau[i].item():g}")
         if clip_x0 is None:
             x = torch.add(x * a[i].item(), eps, alpha=b[i].item())
         else:
             # Eq 12 proper, with the clipped prediction: sqrt(α_prev) f + sqrt(1-α_prev-σ²) ε.
-            x0 = x0.clamp(-clip_x0, clip_x0)
+            x0 = predict_x0(x, eps, alpha[i]).clamp(-clip_x0, clip_x0)
             x = torch.add(x0 * alpha_prev[i].sqrt().item(), eps, alpha=dir_coef[i].item())
         if sigma[i] > 0:
             x = x.add_(noise_like(x, generator), alpha=sigma[i].item())
-        yield x, x0
+        yield x
 
 
 @torch.no_grad()
@@ -120,7 +121,7 @@ def sigma_hat_steps(
     generator: torch.Generator | None = None,
     clip_x0: float | None = 1.0,
     progress: bool = False,
-) -> Iterator[tuple[Tensor, Tensor]]:
+) -> Iterator[Tensor]:
     """The σ̂ row of Table 1 as the paper's reference code realises it; yields like :func:`ddim_steps`.
 
     Eq 12 with σ̂ can need the square root of a negative number, so the reference code takes
@@ -142,4 +143,4 @@ def sigma_hat_steps(
         x = q_sigma_reverse_mean(x, x0, alpha[i], alpha_prev[i], sigma_mean[i])
         if i > 0:
             x = x.add_(noise_like(x, generator), alpha=noise_std[i].item())
-        yield x, x0
+        yield x

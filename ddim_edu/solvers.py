@@ -1,8 +1,8 @@
 """Sampling entry point: ``sample(model, x_T, schedule, timesteps, method=...)``.
 
 Every method integrates from the largest timestep τ_S (where ``x_T`` is fed in) down to ᾱ = 1
-and returns x_0. ``METHODS`` maps each name to its step generator, which yields
-``(x_next, x0_prediction)`` after every step, so notebooks can also watch a trajectory.
+and returns x_0. ``METHODS`` maps each name to its step generator, which yields the state
+after every step (x_0 last), so notebooks can also watch a trajectory.
 """
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def sample(
             raise ValueError(f"eta applies to method 'ddim' only; method {method!r} got eta={eta!r}")
         steps = METHODS[method](model, x_T, schedule, timesteps, generator=generator, **options)
     if return_trajectory:
-        return torch.stack([x_T] + [x for x, _ in steps])
+        return torch.stack([x_T, *steps])
     x = x_T
-    for x, _ in steps:
+    for x in steps:
         pass
     return x
