@@ -7,6 +7,7 @@ A model is any callable ``model(x, t) -> eps`` with t a float tensor [B] of time
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -38,18 +39,18 @@ def ddim_step_coefficients(alpha, alpha_prev, sigma) -> tuple[Tensor, Tensor]:
     return a, b
 
 
-def call_model(model: Model, x: Tensor, t: Tensor, where: str) -> Tensor:
+def call_model(model: Model, x: Tensor, t: Tensor, timestep: float) -> Tensor:
     """Evaluate ``model(x, t)`` and check that it returned a finite ε of x's shape and dtype."""
     eps = model(x, t)
     if not isinstance(eps, Tensor) or eps.shape != x.shape:
         shape = tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__
-        raise ValueError(f"model must return ε with the shape of x {tuple(x.shape)}, got {shape} ({where})")
+        raise ValueError(f"model must return ε with the shape of x {tuple(x.shape)}, got {shape} (at timestep {timestep:g})")
     if eps.dtype != x.dtype:
-        raise ValueError(f"model must return ε in x's dtype {x.dtype}, got {eps.dtype} ({where}); cast the model or x")
+        raise ValueError(f"model must return ε in x's dtype {x.dtype}, got {eps.dtype} (at timestep {timestep:g}); cast the model or x")
     # A sum is finite iff every entry is (short of overflow), and is far cheaper than isfinite().all().
-    if not bool(torch.isfinite(eps.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
+    if not math.isfinite(eps.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32).item()):
         raise FloatingPointError(
-            f"model returned NaN or inf ({where}); check its weights and inputs, or sample in float32/float64"
+            f"model returned NaN or inf (at timestep {timestep:g}); check its weights and inputs, or sample in float32/float64"
         )
     return eps
 
@@ -63,6 +64,12 @@ def time_input(t: float, x: Tensor) -> Tensor:
 def check_x(x_T) -> None:
     if not isinstance(x_T, Tensor) or not x_T.is_floating_point() or x_T.ndim < 2:
         raise ValueError(f"x_T must be a floating-point tensor of shape [B, ...], got {getattr(x_T, 'shape', type(x_T))}")
+
+
+def _step_range(S: int, progress: bool, desc: str):
+    """Step indices S-1, …, 0 (sampling runs from τ_S down), with a tqdm bar when asked."""
+    steps = range(S - 1, -1, -1)
+    return tqdm(steps, desc=desc, leave=False) if progress else steps
 
 
 def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -95,19 +102,22 @@ def ddim_steps(
     alpha, alpha_prev = schedule.step_alphas(tau)
     sigma = sigma_eta(alpha, alpha_prev, eta)
     a, b = ddim_step_coefficients(alpha, alpha_prev, sigma)
-    dir_coef = direction_coefficient(alpha_prev, sigma)
-    t_in = [time_input(t, x_T) for t in tau]
+    # Python floats (float64) per step: the loop then launches no schedule arithmetic at all.
+    a, b, sigma_f = a.tolist(), b.tolist(), sigma.tolist()
+    sqrt_alpha_prev, dir_coef = alpha_prev.sqrt().tolist(), direction_coefficient(alpha_prev, sigma).tolist()
+    tau_f = tau.tolist()
+    t_in = [time_input(t, x_T) for t in tau_f]
     x = x_T
-    for i in tqdm(range(len(tau) - 1, -1, -1), disable=not progress, desc="DDIM", leave=False):
-        eps = call_model(model, x, t_in[i], f"at timestep {tau[i].item():g}")
+    for i in _step_range(len(tau), progress, "DDIM"):
+        eps = call_model(model, x, t_in[i], tau_f[i])
         if clip_x0 is None:
-            x = torch.add(x * a[i].item(), eps, alpha=b[i].item())
+            x = torch.add(x * a[i], eps, alpha=b[i])
         else:
             # Eq 12 proper, with the clipped prediction: sqrt(α_prev) f + sqrt(1-α_prev-σ²) ε.
             x0 = predict_x0(x, eps, alpha[i]).clamp(-clip_x0, clip_x0)
-            x = torch.add(x0 * alpha_prev[i].sqrt().item(), eps, alpha=dir_coef[i].item())
-        if sigma[i] > 0:
-            x = x.add_(noise_like(x, generator), alpha=sigma[i].item())
+            x = torch.add(x0 * sqrt_alpha_prev[i], eps, alpha=dir_coef[i])
+        if sigma_f[i] > 0:
+            x = x.add_(noise_like(x, generator), alpha=sigma_f[i])
         yield x
 
 
@@ -135,8 +145,8 @@ def sigma_hat_steps(
     sigma_mean = sigma_eta(alpha, alpha_prev, 1.0)
     noise_std = sigma_hat(alpha, alpha_prev)
     x = x_T
-    for i in tqdm(range(len(tau) - 1, -1, -1), disable=not progress, desc="DDPM σ̂", leave=False):
-        eps = call_model(model, x, time_input(tau[i], x), f"at timestep {tau[i].item():g}")
+    for i in _step_range(len(tau), progress, "DDPM σ̂"):
+        eps = call_model(model, x, time_input(tau[i], x), tau[i].item())
         x0 = predict_x0(x, eps, alpha[i])
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
