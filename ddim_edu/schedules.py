@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-SPACINGS = ("uniform", "quad", "trailing")
+SPACINGS = ("uniform", "quad", "trailing", "linear", "karras", "logsnr")
 
 
 class Schedule:
@@ -69,7 +69,9 @@ class Schedule:
         log_alpha = torch.as_tensor(log_alpha, dtype=torch.float64)
         knots = -self._log_alpha_knots.to(log_alpha.device)  # increasing
         y = -log_alpha
-        if bool(((y < 0) | (y > knots[-1])).any()):
+        top = knots[-1]
+        y = torch.where((y > top) & (y < top * (1 + 1e-12)), top, y)  # float rounding at the top end
+        if bool(((y < 0) | (y > top)).any()):
             raise ValueError(
                 f"log ᾱ must lie in [{-knots[-1].item():.6g}, 0] for this schedule, "
                 f"got values from {log_alpha.min().item():.6g} to {log_alpha.max().item():.6g}"
@@ -122,7 +124,7 @@ class Schedule:
         return alpha, torch.cat([torch.ones(1, dtype=torch.float64), alpha[:-1]])
 
 
-    def timesteps(self, S: int, spacing: str = "uniform") -> Tensor:
+    def timesteps(self, S: int, spacing: str = "uniform", *, t_min: float = 0.0, rho: float = 7.0) -> Tensor:
         """An increasing sub-sequence τ_1 < … < τ_S of timestep indices (float64 tensor).
 
         - ``"uniform"`` (the paper's reference code, and the default): ``τ_i = (i-1)·⌊T/S⌋``,
@@ -132,6 +134,13 @@ class Schedule:
           to itself is the identity), so fewer than S points may come back.
         - ``"trailing"`` (Lin et al. 2023): ``round(T - k·T/S) - 1`` for k = 0..S-1, so sampling
           starts at T-1, where x_T ~ N(0, I) is (almost) exactly distributed.
+
+        Fractional grids from ``t_min`` (default 0) to T-1, for the ODE methods of
+        :mod:`ddim_edu.solvers` (the model is then evaluated between integer timesteps):
+
+        - ``"linear"``: uniform in t.
+        - ``"karras"`` (Karras et al. 2022, Eq 5): uniform in σ^{1/ρ}, ρ = ``rho``, with σ the ODE variable.
+        - ``"logsnr"``: uniform in λ = -log σ, half the log signal-to-noise ratio (DPM-Solver's grid).
         """
         if not isinstance(S, int) or isinstance(S, bool) or S < 1:
             raise ValueError(f"S (number of steps) must be a positive int, got {S!r}")
@@ -144,6 +153,20 @@ class Schedule:
             tau = torch.unique(torch.floor(torch.linspace(0, math.sqrt(0.8 * T), S, dtype=torch.float64) ** 2))
         elif spacing == "trailing":
             tau = torch.flip(torch.round(torch.arange(T, 0, -T / S, dtype=torch.float64)[:S]) - 1, dims=[0])
+        elif spacing in ("linear", "karras", "logsnr"):
+            if not 0 <= t_min < T - 1:
+                raise ValueError(f"t_min must lie in [0, T-1) = [0, {T - 1}), got {t_min!r}")
+            if S < 2:
+                raise ValueError(f"S must be >= 2 for spacing {spacing!r} (both ends are on the grid), got {S}")
+            u = torch.linspace(0, 1, S, dtype=torch.float64)
+            lo, hi = self.sigma(float(t_min)), self.sigma(float(T - 1))
+            if spacing == "linear":
+                tau = t_min + u * (T - 1 - t_min)
+            elif spacing == "karras":
+                tau = self.t_from_sigma((lo ** (1 / rho) + u * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho)
+            else:
+                tau = self.t_from_sigma(torch.exp(torch.log(lo) + u * (torch.log(hi) - torch.log(lo))))
+            tau[0], tau[-1] = t_min, T - 1  # exact ends despite rounding in the inverse
         else:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         return tau

@@ -1,21 +1,182 @@
-"""Sampling entry point: ``sample(model, x_T, schedule, timesteps, method=...)``.
+"""Sampling and ODE solving: ``sample(model, x_T, schedule, timesteps, method=...)``.
 
-Every method integrates from the largest timestep τ_S (where ``x_T`` is fed in) down to ᾱ = 1
-and returns x_0. ``METHODS`` maps each name to its step generator, which yields the state
-after every step (x_0 last), so notebooks can also watch a trajectory.
+Two families, one entry point. The Eq 12 samplers of :mod:`ddim_edu.sampling` (``"ddim"`` with
+any η, ``"sigma_hat"``) walk the discrete τ. The ODE methods integrate Eq 14,
+``dx̄/dσ = ε_θ(x̄/sqrt(σ²+1), t(σ))`` (:mod:`ddim_edu.ode`), over the noise levels
+σ(τ_S) > … > σ(τ_1) > 0; ``timesteps`` may then be fractional. Every method starts at τ_S,
+where ``x_T`` is fed in, and returns x_0: the last step goes from σ(τ_1) to σ = 0 (ᾱ = 1), where
+the model cannot be evaluated, so every method takes it as an Euler step (= DDIM's last step).
+
+``METHODS`` maps each ODE method's name to its step function and order. A step function has the
+signature ``step(eps, x, s, s_next, history) -> x_next``: ``eps(x, σ)`` evaluates ε_θ on the
+scaled state, ``s > s_next`` are noise levels, and ``history`` is a list that multistep methods
+append ``(σ, x̄, ε)`` to and read back.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from .sampling import Model, ddim_steps, sigma_hat_steps
+from .ode import eps_at_sigma, probability_flow
+from .sampling import Model, check_x, ddim_steps, sigma_hat_steps
 from .schedules import Schedule
 
-METHODS = {
+SAMPLERS = {
     "ddim": ddim_steps,  # Eq 12 with σ(η) of Eq 16: η = 0 DDIM, η = 1 DDPM
     "sigma_hat": sigma_hat_steps,  # Table 1's σ̂ row, as the reference code realises it
 }
+
+
+# --- step functions on Eq 14 (x is the scaled state x̄, s the noise level σ) ---------------------
+
+
+def euler_step(eps, x, s, s_next, history):
+    """Euler's method on Eq 14 in σ: ``x̄' = x̄ + (σ' - σ) ε_θ(x̄, σ)``. This is DDIM (Eq 13)."""
+    return x + (s_next - s) * eps(x, s)
+
+
+def heun_step(eps, x, s, s_next, history):
+    """Heun's 2nd-order method in σ (Karras et al. 2022, Algorithm 1 without churn); Euler to σ' = 0."""
+    e = eps(x, s)
+    x_euler = x + (s_next - s) * e
+    if s_next == 0:
+        return x_euler
+    return x + (s_next - s) * 0.5 * (e + eps(x_euler, s_next))
+
+
+def rk4_step(eps, x, s, s_next, history):
+    """The classical 4th-order Runge–Kutta method in σ (stages at σ, twice the midpoint, σ'); Euler to σ' = 0."""
+    if s_next == 0:
+        return euler_step(eps, x, s, s_next, history)
+    h = s_next - s
+    k1 = eps(x, s)
+    k2 = eps(x + 0.5 * h * k1, s + 0.5 * h)
+    k3 = eps(x + 0.5 * h * k2, s + 0.5 * h)
+    k4 = eps(x + h * k3, s_next)
+    return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def dpm_solver_2_step(eps, x, s, s_next, history):
+    """DPM-Solver-2 (Lu et al. 2022, Algorithm 1, r₁ = ½) in λ = -log σ; Euler to σ' = 0.
+
+    In (σ, x̄) the exponential integrator reads ``x̄' = x̄ + (σ' - σ) ε(u, σ_mid)`` with the
+    λ-midpoint ``σ_mid = sqrt(σ σ')`` and u its DPM-Solver-1 (= Euler = DDIM) predictor.
+    """
+    if s_next == 0:
+        return euler_step(eps, x, s, s_next, history)
+    s_mid = math.sqrt(s * s_next)
+    u = x + (s_mid - s) * eps(x, s)
+    return x + (s_next - s) * eps(u, s_mid)
+
+
+def dpm_solver_3_step(eps, x, s, s_next, history):
+    """DPM-Solver-3 (Lu et al. 2022, Algorithm 2, r₁ = ⅓, r₂ = ⅔), noise-prediction form; Euler to σ' = 0.
+
+    With h = λ' - λ and σ_r = σ e^{-rh}, the paper's σ_r (e^{rh} - 1) ε becomes (σ - σ_r) ε in x̄.
+    """
+    if s_next == 0:
+        return euler_step(eps, x, s, s_next, history)
+    r1, r2 = 1 / 3, 2 / 3
+    h = math.log(s / s_next)
+    s1, s2 = s * math.exp(-r1 * h), s * math.exp(-r2 * h)
+    e = eps(x, s)
+    d1 = eps(x + (s1 - s) * e, s1) - e
+    u2 = x + (s2 - s) * e - s2 * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * d1
+    d2 = eps(u2, s2) - e
+    return x + (s_next - s) * e - s_next / r2 * (math.expm1(h) / h - 1) * d2
+
+
+def dpmpp_2m_step(eps, x, s, s_next, history):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): multistep on the x_0 prediction D = x̄ - σ ε.
+
+    ``x̄' = (σ'/σ) x̄ + (1 - σ'/σ) D̂``, ``D̂ = (1 + 1/(2r)) D_i - D_{i-1}/(2r)``, r = h_{i-1}/h_i in
+    λ = -log σ; first order (D̂ = D_i, i.e. DDIM) on the first step and on the last, to σ' = 0.
+    """
+    e = eps(x, s)
+    d = x - s * e
+    d_hat = d
+    if history and s_next > 0:
+        s_prev, x_prev, e_prev = history[-1]
+        r = math.log(s_prev / s) / math.log(s / s_next)
+        d_hat = (1 + 1 / (2 * r)) * d - (x_prev - s_prev * e_prev) / (2 * r)
+    history.append((s, x, e))
+    return (s_next / s) * x + (1 - s_next / s) * d_hat
+
+
+@dataclass(frozen=True)
+class Method:
+    """An ODE method: its step function, its order, and the model evaluations per (non-final) step."""
+
+    step: Callable
+    order: int
+    nfe_per_step: int
+
+
+METHODS = {
+    "euler": Method(euler_step, 1, 1),
+    "heun": Method(heun_step, 2, 2),
+    "rk4": Method(rk4_step, 4, 4),
+    "dpm_solver_2": Method(dpm_solver_2_step, 2, 2),
+    "dpm_solver_3": Method(dpm_solver_3_step, 3, 3),
+    "dpmpp_2m": Method(dpmpp_2m_step, 2, 1),
+}
+
+ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's adaptive solvers
+
+
+# --- integration ----------------------------------------------------------------------------------
+
+
+def integrate(model: Model, x_bar: Tensor, schedule: Schedule, sigmas, method: str = "euler", *,
+              progress: bool = False) -> Tensor:
+    """Integrate Eq 14 in the scaled state x̄ along the noise levels ``sigmas`` (any direction).
+
+    ``sigmas`` [N] is strictly monotone; the model is evaluated at every σ > 0 a method asks for
+    (σ must not fall below σ(0), the schedule's smallest level, except as a final target 0).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).tolist()
+    step = METHODS[method].step
+    eps = lambda x, s: eps_at_sigma(model, schedule, x, s)  # noqa: E731
+    history: list = []
+    pairs = list(zip(sigmas[:-1], sigmas[1:]))
+    for s, s_next in tqdm(pairs, desc=method, leave=False) if progress else pairs:
+        x_bar = step(eps, x_bar, s, s_next, history)
+    return x_bar
+
+
+def solve_adaptive(model: Model, x_bar: Tensor, schedule: Schedule, sigma_start: float, sigma_end: float, *,
+                   method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5) -> tuple[Tensor, int]:
+    """Integrate Eq 14 from ``sigma_start`` to ``sigma_end`` with torchdiffeq's adaptive ``method``.
+
+    Returns (x̄ at sigma_end, the number of model evaluations used).
+    """
+    from torchdiffeq import odeint
+
+    if method not in ADAPTIVE:
+        raise ValueError(f"method must be one of torchdiffeq's adaptive solvers {ADAPTIVE}, got {method!r}")
+    if not (rtol > 0 and atol > 0):
+        raise ValueError(f"rtol and atol must be > 0, got rtol={rtol!r}, atol={atol!r}")
+    f = probability_flow(model, schedule)
+    span = torch.tensor([sigma_start, sigma_end], dtype=torch.float64)
+    # step_t makes the solver land on sigma_end instead of stepping past it and interpolating:
+    # below σ(0) the model is not defined.
+    out = odeint(f, x_bar, span.to(x_bar.dtype), method=method, rtol=rtol, atol=atol, options={"step_t": span})
+    return out[-1], f.nfe
+
+
+def noise_levels(schedule: Schedule, timesteps, method: str) -> list[float]:
+    """σ(τ_S) > … > σ(τ_1) for a method, after checking τ is long enough for it."""
+    tau = schedule.check_timesteps(timesteps)
+    if method == "dpmpp_2m" and len(tau) < 2:
+        raise ValueError("timesteps must have at least 2 entries for the multistep method 'dpmpp_2m'")
+    return schedule.sigma(tau).flip(0).tolist()
 
 
 def sample(
@@ -28,25 +189,61 @@ def sample(
     generator: torch.Generator | None = None,
     *,
     return_trajectory: bool = False,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
     **options,
 ) -> Tensor:
     """Sample x_0 from ``x_T`` along the increasing timesteps τ_1 < … < τ_S with ``method``.
 
-    ``eta`` is DDIM's η (Eq 16; only for ``"ddim"``). ``options`` go to the method's step
-    generator (e.g. ``clip_x0``, ``progress``). With ``return_trajectory=True`` the result is the
-    stack [S+1, B, …] of x_{τ_S} = x_T, x_{τ_{S-1}}, …, x_0 instead of x_0 alone.
+    ``method`` is an Eq 12 sampler (``"ddim"``, ``"sigma_hat"``), an ODE method of ``METHODS``,
+    or one of torchdiffeq's adaptive solvers (``ADAPTIVE``, using ``rtol``/``atol`` and only τ_S
+    and τ_1 from ``timesteps``). ``eta`` is DDIM's η (Eq 16; only for ``"ddim"``). ``options``
+    go to the method (``clip_x0`` for the Eq 12 samplers, ``progress``). With
+    ``return_trajectory=True`` (Eq 12 samplers) the result is the stack [S+1, B, …] of
+    x_{τ_S} = x_T, …, x_0.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    if method == "ddim":
-        steps = METHODS[method](model, x_T, schedule, timesteps, eta, generator=generator, **options)
-    else:
-        if eta != 0.0:
+    check_x(x_T)
+    if method in SAMPLERS:
+        extra = {"eta": eta} if method == "ddim" else {}
+        if method != "ddim" and eta != 0.0:
             raise ValueError(f"eta applies to method 'ddim' only; method {method!r} got eta={eta!r}")
-        steps = METHODS[method](model, x_T, schedule, timesteps, generator=generator, **options)
+        steps = SAMPLERS[method](model, x_T, schedule, timesteps, generator=generator, **extra, **options)
+        if return_trajectory:
+            return torch.stack([x_T, *steps])
+        x = x_T
+        for x in steps:
+            pass
+        return x
+    if method not in METHODS and method not in ADAPTIVE:
+        raise ValueError(f"method must be one of {sorted([*SAMPLERS, *METHODS, *ADAPTIVE])}, got {method!r}")
+    if eta != 0.0:
+        raise ValueError(f"eta applies to method 'ddim' only; the ODE method {method!r} got eta={eta!r}")
     if return_trajectory:
-        return torch.stack([x_T, *steps])
-    x = x_T
-    for x in steps:
-        pass
-    return x
+        raise ValueError("return_trajectory is available for the Eq 12 samplers ('ddim', 'sigma_hat') only")
+    sigmas = noise_levels(schedule, timesteps, method)
+    x_bar = x_T * math.sqrt(1 + sigmas[0] ** 2)  # x̄ = x / sqrt(ᾱ)
+    if method in ADAPTIVE:
+        x_bar, _ = solve_adaptive(model, x_bar, schedule, sigmas[0], sigmas[-1], method=method, rtol=rtol, atol=atol)
+        sigmas = sigmas[-1:]
+    return integrate(model, x_bar, schedule, [*sigmas, 0.0], method if method in METHODS else "euler", **options)
+
+
+def encode(model: Model, x0: Tensor, schedule: Schedule, timesteps, method: str = "euler", *,
+           fixed_point_iterations: int = 3, progress: bool = False) -> Tensor:
+    """DDIM inversion: integrate Eq 14 upwards, from x_0 (σ = 0) to x_T at σ(τ_S) (Section 4.3).
+
+    The model is not defined at σ = 0, so the first step, 0 → σ(τ_1), inverts :func:`sample`'s
+    last Euler step exactly, solving ``x̄_1 = x_0 + σ_1 ε_θ(x̄_1, σ_1)`` by fixed-point iteration
+    (a contraction for small σ_1). The remaining steps use ``method``, each evaluating ε at the
+    noise levels the method prescribes (not the ε(x_t, t+Δ) shortcut). ``sample`` with the same
+    method and timesteps maps the result back to x_0 up to the discretisation error.
+    """
+    check_x(x0)
+    if not isinstance(fixed_point_iterations, int) or fixed_point_iterations < 1:
+        raise ValueError(f"fixed_point_iterations must be a positive int, got {fixed_point_iterations!r}")
+    sigmas = noise_levels(schedule, timesteps, method)[::-1]  # increasing
+    x_bar = x0
+    for _ in range(fixed_point_iterations):
+        x_bar = x0 + sigmas[0] * eps_at_sigma(model, schedule, x_bar, sigmas[0])
+    x_bar = integrate(model, x_bar, schedule, sigmas, method, progress=progress) if len(sigmas) > 1 else x_bar
+    return x_bar / math.sqrt(1 + sigmas[-1] ** 2)

@@ -1,0 +1,28 @@
+"""Interpolation between latents x_T (the paper's Section 5.3 and Appendix D.5)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def slerp(x0: Tensor, x1: Tensor, weight) -> Tensor:
+    """Spherical linear interpolation, ``sin((1-w)θ)/sin θ · x0 + sin(wθ)/sin θ · x1`` per sample.
+
+    θ is the angle between the flattened x0[b] and x1[b]; ``weight`` w ∈ [0, 1] is a float or a
+    tensor [K], which gives a result [K, B, …]. High-dimensional Gaussian latents are nearly
+    orthogonal with norm ≈ sqrt(d), and slerp keeps the norm there, where linear interpolation
+    would shrink it by up to 1/sqrt(2).
+    """
+    if x0.shape != x1.shape:
+        raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    w = torch.as_tensor(weight, dtype=torch.float64)
+    if bool(((w < 0) | (w > 1)).any()):
+        raise ValueError(f"weight must lie in [0, 1], got {w.tolist()}")
+    a, b = x0.flatten(1).double(), x1.flatten(1).double()
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    theta = torch.arccos(cos.clamp(-1, 1))  # [B]
+    shape = (-1, *([1] * x0.ndim)) if w.ndim == 1 else (1,) * x0.ndim
+    wt = w.reshape(shape) if w.ndim == 1 else w
+    th = theta.reshape(x0.shape[0], *([1] * (x0.ndim - 1)))
+    out = (torch.sin((1 - wt) * th) * x0.double() + torch.sin(wt * th) * x1.double()) / torch.sin(th)
+    return out.to(x0.dtype)

@@ -1,0 +1,159 @@
+"""ODE solvers on Eq 14: equal routes, measured convergence orders, inversion, grids, bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddim_edu.interpolation import slerp
+from ddim_edu.mixture import GaussianMixture
+from ddim_edu.schedules import linear_schedule
+from ddim_edu.solvers import ADAPTIVE, METHODS, encode, integrate, sample, solve_adaptive
+
+
+@pytest.fixture(scope="module")
+def sched():
+    return linear_schedule()
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    return GaussianMixture.ring(K=8, radius=1.0, std=0.05)
+
+
+def x_T(n=256, seed=0):
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "quad", "trailing"])
+def test_euler_on_eq14_is_ddim(sched, mixture, spacing):
+    model = mixture.eps_model(sched)
+    tau = sched.timesteps(25, spacing)
+    ddim = sample(model, x_T(), sched, tau, method="ddim", eta=0.0)
+    euler = sample(model, x_T(), sched, tau, method="euler")
+    assert (ddim - euler).abs().max() < 1e-12
+
+
+def test_dpm_solver_1_is_ddim(sched, mixture):
+    """DPM-Solver-1 (Lu et al. 2022, Eq 3.7): x_t = (α_t/α_s) x_s - σ_t (e^h - 1) ε_s, h = λ_t - λ_s,
+    with α = sqrt(ᾱ), σ = sqrt(1-ᾱ), λ = log(α/σ). Written here in its own variables."""
+    model = mixture.eps_model(sched)
+    tau = sched.timesteps(20, "trailing")
+    x = x_T()
+    a = sched.alpha_bar(tau).sqrt().flip(0).tolist()
+    sd = (1 - sched.alpha_bar(tau)).sqrt().flip(0).tolist()
+    for i, t in enumerate(tau.flip(0).tolist()):
+        eps = model(x, torch.full((len(x),), t, dtype=torch.float64))
+        if i + 1 < len(tau):
+            h = math.log(a[i + 1] / sd[i + 1]) - math.log(a[i] / sd[i])
+            x = (a[i + 1] / a[i]) * x - sd[i + 1] * math.expm1(h) * eps
+        else:  # to ᾱ = 1: the x_0 prediction
+            x = (x - sd[i] * eps) / a[i]
+    torch.testing.assert_close(x, sample(model, x_T(), sched, tau, method="ddim"), rtol=0, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def reference(sched, mixture):
+    """Eq 14 from σ(T-1) to σ(0), solved by dopri5 at rtol = atol = 1e-11 in float64."""
+    model = mixture.eps_model(sched)
+    s_max, s_min = sched.sigma(999.0).item(), sched.sigma(0.0).item()
+    x_bar = x_T(128) * math.sqrt(1 + s_max**2)
+    ref, nfe = solve_adaptive(model, x_bar, sched, s_max, s_min, rtol=1e-11, atol=1e-11)
+    return x_bar, ref, nfe
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_measured_convergence_order(sched, mixture, reference, method):
+    """Slope of log RMSE vs log S (Karras grid, S = 100..400) is the method's order ± 0.3."""
+    model = mixture.eps_model(sched)
+    x_bar, ref, _ = reference
+    steps = [100, 200, 400]
+    errors = []
+    for S in steps:
+        sigmas = sched.sigma(sched.timesteps(S, "karras")).flip(0)
+        errors.append((integrate(model, x_bar, sched, sigmas, method) - ref).pow(2).mean().sqrt().item())
+    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert abs(slope - METHODS[method].order) < 0.3, (method, slope, errors)
+
+
+def test_adaptive_solver_reaches_its_tolerance_and_counts_evaluations(sched, mixture, reference):
+    model = mixture.eps_model(sched)
+    x_bar, ref, nfe_ref = reference
+    s_max, s_min = sched.sigma(999.0).item(), sched.sigma(0.0).item()
+    errors, nfes = [], []
+    for tol in (1e-4, 1e-6):
+        out, nfe = solve_adaptive(model, x_bar, sched, s_max, s_min, rtol=tol, atol=tol)
+        errors.append((out - ref).abs().max().item())
+        nfes.append(nfe)
+    assert errors[1] < errors[0] / 3 and errors[0] < 1e-2 and errors[1] < 1e-3
+    assert 0 < nfes[0] < nfes[1] < nfe_ref
+    # The same through sample(): adaptive down to σ(τ_1), then the Euler step to σ = 0.
+    x0 = sample(model, x_T(128), sched, sched.timesteps(2, "linear"), method="dopri5", rtol=1e-8, atol=1e-8)
+    last = ref - sched.sigma(0.0).item() * model(ref / math.sqrt(1 + sched.sigma(0.0).item() ** 2),
+                                                  torch.zeros(len(ref), dtype=torch.float64))
+    assert (x0 - last).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_encode_then_sample_reconstructs(sched, mixture, method):
+    model = mixture.eps_model(sched)
+    x0 = mixture.sample(128, generator=torch.Generator().manual_seed(3))
+    errors = []
+    for S in (20, 100):
+        tau = sched.timesteps(S, "karras")
+        x_rec = sample(model, encode(model, x0, sched, tau, method), sched, tau, method)
+        errors.append((x_rec - x0).pow(2).mean().item())
+    assert errors[1] < errors[0] / 5 and errors[1] < 2e-3, errors
+
+
+def test_encoding_maps_data_to_the_prior(sched, mixture):
+    """DDIM inversion with many steps gives latents distributed as N(0, I)."""
+    model = mixture.eps_model(sched)
+    x0 = mixture.sample(2000, generator=torch.Generator().manual_seed(4))
+    z = encode(model, x0, sched, sched.timesteps(100, "karras"), "dpmpp_2m")
+    assert z.mean(0).abs().max() < 0.1 and (z.std(0) - 1).abs().max() < 0.1
+
+
+def test_continuous_grids(sched):
+    for spacing in ("linear", "karras", "logsnr"):
+        tau = sched.timesteps(30, spacing, t_min=3.0)
+        sched.check_timesteps(tau)
+        assert tau[0].item() == 3.0 and tau[-1].item() == 999.0 and len(tau) == 30
+    log_sigma = sched.sigma(sched.timesteps(30, "logsnr")).log()
+    torch.testing.assert_close(log_sigma.diff(), torch.full((29,), log_sigma.diff().mean().item(), dtype=torch.float64))
+    root = sched.sigma(sched.timesteps(30, "karras")) ** (1 / 7)
+    torch.testing.assert_close(root.diff(), torch.full((29,), root.diff().mean().item(), dtype=torch.float64))
+    with pytest.raises(ValueError, match="t_min"):
+        sched.timesteps(10, "karras", t_min=-1)
+
+
+def test_slerp():
+    a, b = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]])
+    torch.testing.assert_close(slerp(a, b, 0.0), a)
+    torch.testing.assert_close(slerp(a, b, 1.0), b)
+    # Orthogonal: the midpoint is (a + b)/sqrt(2) (θ = π/2), not the chord midpoint.
+    torch.testing.assert_close(slerp(a, b, 0.5), (a + b) / math.sqrt(2))
+    z = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(0))
+    path = slerp(z[:1], z[1:], torch.linspace(0, 1, 5))
+    assert path.shape == (5, 1, 64, 64)
+    norms = path.flatten(2).norm(dim=2).squeeze()
+    assert (norms - 64).abs().max() < 4  # stays near the shell of radius sqrt(d) = 64
+    with pytest.raises(ValueError, match="weight"):
+        slerp(a, b, 1.5)
+
+
+def test_bad_input(sched, mixture):
+    model = mixture.eps_model(sched)
+    tau = sched.timesteps(10, "karras")
+    with pytest.raises(ValueError, match=r"method must be one of \[.*'dpmpp_2m'.*\]"):
+        sample(model, x_T(4), sched, tau, method="dpmpp_3m")
+    with pytest.raises(ValueError, match="at least 2"):
+        sample(model, x_T(4), sched, [999.0], method="dpmpp_2m")
+    with pytest.raises(ValueError, match="rtol and atol"):
+        sample(model, x_T(4), sched, tau, method="dopri5", rtol=0.0)
+    with pytest.raises(ValueError, match="eta applies"):
+        sample(model, x_T(4), sched, tau, method="heun", eta=0.5)
+    nan_mid = lambda x, t: torch.where(t[:, None] < 300, torch.nan, model(x, t))
+    for method in ("heun", "dpm_solver_3", ADAPTIVE[0]):
+        with pytest.raises(FloatingPointError, match="NaN"):
+            sample(nan_mid, x_T(4), sched, tau, method=method)
