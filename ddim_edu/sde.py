@@ -1,0 +1,228 @@
+"""The SDE view (Song et al. 2021, "Score-Based Generative Modeling through SDEs") in score_sde's words.
+
+The VP-SDE ``dx = -½ β(t) x dt + sqrt(β(t)) dw`` is DDPM's forward process in continuous time.
+Time is the library's timestep index (:mod:`ddim_edu.schedules`): t ∈ [-1, T-1], t = -1 is clean
+data (ᾱ = 1), and one unit of t is one DDPM step (score_sde rescales to [0, 1] and multiplies β by T).
+
+β(t) is chosen so that the SDE's marginals are *exactly* the schedule's: the schedule's ᾱ(t)
+interpolates log ᾱ linearly between integers, so ``β(t) = -d log ᾱ/dt`` is piecewise constant,
+``-log(1 - β_i)`` on the unit interval (i-1, i] (β_i = ``schedule.betas[i]``; ≈ β_i to first order).
+Then ``exp(-∫_{-1}^t β) = ᾱ(t)`` and :meth:`VPSDE.marginal_prob` is Eq 4 at every integer t.
+
+The reverse-time family (Song et al. 2021, Sec. 4.3 and App. D; Karras et al. 2022, Eq 6)
+
+    dx = [f(x, t) - (1+λ²)/2 · g(t)² ∇log p_t(x)] dt + λ g(t) dw̄,      (time running backwards)
+
+has the same marginals p_t for every λ ≥ 0: λ = 0 is the probability-flow ODE (whose (σ, x̄) form
+is Eq 14, DDIM's ODE), λ = 1 is the reverse SDE, whose discretisation is DDPM's ancestral sampler.
+In the limit of small steps DDIM's η plays λ's role: the noise of one DDIM step is
+``σ_t(η)² ≈ η² β dt`` (Eq 16 with 1 - ᾱ_t/ᾱ_{t-1} ≈ β dt) against ``λ² g² dt = λ² β dt`` here.
+Unlike η (Eq 7 has no real solution for η > 1), λ > 1 is allowed: more noise, same marginals.
+The ε-model gives the score: ``∇log p_t(x) = -ε_θ(x, t) / sqrt(1 - ᾱ(t))``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from .forward import bcast
+from .sampling import Model, call_model, check_x, noise_like
+from .schedules import Schedule
+
+
+def standard_normal_logp(z: Tensor) -> Tensor:
+    """``log N(z; 0, I)`` summed over all but the batch dimension, [B]: the prior at t = T-1."""
+    D = z[0].numel()
+    return -0.5 * (z.reshape(z.shape[0], -1) ** 2).sum(1) - 0.5 * D * math.log(2 * math.pi)
+
+
+class VPSDE:
+    """The variance-preserving SDE of a discrete schedule (module docstring), on t ∈ [-1, T-1].
+
+    Methods take ``t`` as a float, a 0-d tensor or a [B] tensor (one time per sample).
+    """
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+        # -d log ᾱ/dt on the unit interval (i-1, i]: log ᾱ drops by -log(1-β_i) across it.
+        self._beta_steps = -torch.log1p(-schedule.betas)
+
+    @property
+    def t_end(self) -> float:
+        """The end of time, t = T-1, where the prior N(0, I) is fed in (the start is t = -1, clean data)."""
+        return float(self.schedule.T - 1)
+
+    def __repr__(self) -> str:
+        return f"VPSDE({self.schedule!r})"
+
+    def beta(self, t) -> Tensor:
+        """β(t) = -d log ᾱ/dt = -log(1-β_i) for t ∈ (i-1, i] (i = ceil(t); t = -1 takes i = 0), float64."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if bool(torch.isnan(t).any()) or bool(((t < -1) | (t > self.t_end)).any()):
+            raise ValueError(f"t must lie in [-1, T-1] = [-1, {self.t_end:g}], got values from {t.min().item()} to {t.max().item()}")
+        i = torch.ceil(t).clamp(0, self.schedule.T - 1).long()
+        return self._beta_steps.to(t.device)[i]
+
+    def sde(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
+        """The forward SDE ``dx = -½ β(t) x dt + sqrt(β(t)) dw``: (drift shaped like x, diffusion g(t))."""
+        beta = self.beta(t)
+        return -0.5 * bcast(beta, x) * x, beta.sqrt()
+
+    def marginal_prob(self, x0: Tensor, t) -> tuple[Tensor, Tensor]:
+        """q(x_t | x_0) = N(mean, std² I): ``(sqrt(ᾱ(t)) x_0, sqrt(1-ᾱ(t)))``; Eq 4 at integer t, exact."""
+        alpha = self.schedule.alpha_bar(t)
+        return bcast(alpha.sqrt(), x0) * x0, (1 - alpha).sqrt()
+
+    def prior_sampling(self, shape, *, generator: torch.Generator | None = None, dtype=torch.float64, device=None) -> Tensor:
+        """x_T ~ N(0, I) at t = T-1 (approximately the marginal there: ᾱ(T-1) ≈ 4e-5 on DDPM's schedule)."""
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+    def prior_logp(self, z: Tensor) -> Tensor:
+        """``log N(z; 0, I)`` per sample, [B]."""
+        return standard_normal_logp(z)
+
+    def score(self, model: Model, x: Tensor, t) -> Tensor:
+        """``∇_x log p_t(x) ≈ -ε_θ(x, t) / sqrt(1-ᾱ(t))`` (exact for the exact ε); needs t ≥ 0."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if bool((t < 0).any()):
+            raise ValueError(f"t must be >= 0 for the model (it is not defined below timestep 0), got {t.min().item()}")
+        t_in = t.expand(x.shape[0]) if t.ndim == 0 else t
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        eps = call_model(model, x, t_in.to(device=x.device, dtype=dtype), t_in.max().item())
+        return -eps / bcast((1 - self.schedule.alpha_bar(t)).sqrt(), x)
+
+    def reverse_family(self, model: Model, lam: float):
+        """The reverse-time family ``dx = [f - (1+λ²)/2 g² ∇log p_t] dt + λ g dw̄`` as ``rsde(x, t) -> (drift, diffusion)``.
+
+        As in score_sde, the drift is to be used with a *negative* time step (integration from
+        t = T-1 down): ``x_{t-h} ≈ x_t - drift·h + diffusion·sqrt(h) z``. λ = 0 is the
+        probability-flow ODE, λ = 1 the reverse SDE; every λ ≥ 0 has the marginals of the forward SDE.
+        """
+        lam = _check_lam(lam)
+
+        def rsde(x: Tensor, t) -> tuple[Tensor, Tensor]:
+            drift, g = self.sde(x, t)
+            drift = drift - bcast(0.5 * (1 + lam**2) * g**2, x) * self.score(model, x, t)
+            return drift, lam * g
+
+        return rsde
+
+    def reverse(self, model: Model, probability_flow: bool = False):
+        """score_sde's ``reverse``: the reverse SDE (λ = 1), or with ``probability_flow=True`` the
+        probability-flow ODE ``dx/dt = f - ½ g² ∇log p_t`` (λ = 0, diffusion 0). See :meth:`reverse_family`."""
+        return self.reverse_family(model, 0.0 if probability_flow else 1.0)
+
+    def probability_flow_ode(self, model: Model):
+        """The probability-flow ODE in (t, x) as ``f(t, x) -> dx/dt`` in torchdiffeq's shape, with ``f.nfe``.
+
+        ``dx/dt = -½ β(t) (x + ∇log p_t(x)) = -½ β(t) (x - ε_θ(x, t)/sqrt(1-ᾱ(t)))``. With
+        ``x̄ = x/sqrt(ᾱ)`` and ``σ = sqrt((1-ᾱ)/ᾱ)`` the chain rule turns it into Eq 14, ``dx̄/dσ = ε_θ``.
+        β(t) jumps at every integer t, so adaptive solvers do better on Eq 14 (:mod:`ddim_edu.ode`).
+        """
+        rsde = self.reverse(model, probability_flow=True)
+
+        def f(t: Tensor, x: Tensor) -> Tensor:
+            f.nfe += 1
+            return rsde(x, float(t))[0]
+
+        f.nfe = 0
+        return f
+
+
+def _check_lam(lam) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0 (0: probability-flow ODE, 1: reverse SDE), got {lam!r}")
+    return float(lam)
+
+
+# --- samplers from the probability-flow ODE (λ = 0) to the reverse SDE (λ = 1) ----------------
+
+
+def euler_maruyama_coefficients(schedule: Schedule, timesteps, lam: float) -> tuple[list, list, list, Tensor]:
+    """Per-step ``x ← a x + b ε_θ(x, τ_i) + c z`` of Euler–Maruyama on the λ-family, τ_i → τ_{i-1}.
+
+    The step is taken in the clock ``s = -log ᾱ(t)`` (ds = β dt), where the VP-SDE reads
+    ``dx = -½ x ds + dw_s`` and the family ``dx = [-½ x - (1+λ²)/2 ∇log p] ds + λ dw̄_s``. With
+    ``Δs = log ᾱ(τ_{i-1}) - log ᾱ(τ_i)`` (= ∫β dt over the step, so the schedule is used exactly;
+    τ_0 := -1, ᾱ = 1) and ``∇log p = -ε/sqrt(1-ᾱ(τ_i))``:
+
+        a = 1 + Δs/2,   b = -(1+λ²) Δs / (2 sqrt(1-ᾱ(τ_i))),   c = λ sqrt(Δs).
+
+    This is Euler–Maruyama in t with ∫β dt in place of β(τ_i)·h; both are first order.
+    Returns (a, b, c) as lists of Python floats indexed like τ, and τ (float64).
+    """
+    lam = _check_lam(lam)
+    tau = schedule.check_timesteps(timesteps)
+    log_alpha = schedule.log_alpha_bar(tau)
+    log_alpha_prev = torch.cat([torch.zeros(1, dtype=torch.float64), log_alpha[:-1]])
+    ds = log_alpha_prev - log_alpha  # > 0
+    a = 1 + ds / 2
+    b = -(1 + lam**2) * ds / (2 * (-torch.expm1(log_alpha)).sqrt())
+    c = lam * ds.sqrt()
+    return a.tolist(), b.tolist(), c.tolist(), tau
+
+
+# Euler–Maruyama: weak order 1; strong order 1 too here, since the noise λ g(t) dw̄ is additive.
+SDE_METHODS = {"euler_maruyama": euler_maruyama_coefficients}
+
+
+@torch.no_grad()
+def sde_steps(
+    model: Model,
+    x_T: Tensor,
+    schedule: Schedule,
+    timesteps,
+    *,
+    lam: float = 1.0,
+    method: str = "euler_maruyama",
+    generator: torch.Generator | None = None,
+) -> Iterator[Tensor]:
+    """Integrate the reverse-time λ-family from τ_S (x_T) down to ᾱ = 1; yields x after each step, x_0 last.
+
+    λ = 0 draws no noise (the probability-flow ODE; deterministic given x_T), λ = 1 is the reverse
+    SDE. ``timesteps`` is increasing, in the library's index convention, as for
+    :func:`ddim_edu.solvers.sample`. Noise comes from ``generator``.
+    """
+    check_x(x_T)
+    if method not in SDE_METHODS:
+        raise ValueError(f"method must be one of {sorted(SDE_METHODS)}, got {method!r}")
+    a, b, c, tau = SDE_METHODS[method](schedule, timesteps, lam)
+    tau_f = tau.tolist()
+    dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
+    x = x_T
+    for i in range(len(tau_f) - 1, -1, -1):
+        t_in = torch.full((x.shape[0],), tau_f[i], dtype=dtype, device=x.device)
+        eps = call_model(model, x, t_in, tau_f[i])
+        x = torch.add(x * a[i], eps, alpha=b[i])
+        if c[i] > 0:
+            x = x.add_(noise_like(x, generator), alpha=c[i])
+        yield x
+
+
+def sample_sde(
+    model: Model,
+    x_T: Tensor,
+    schedule: Schedule,
+    timesteps,
+    *,
+    lam: float = 1.0,
+    method: str = "euler_maruyama",
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+) -> Tensor:
+    """Sample x_0 with :func:`sde_steps` (λ = 0: probability-flow ODE, λ = 1: reverse SDE).
+
+    As the number of steps grows, λ = η gives the same distribution as DDIM's
+    ``solvers.sample(..., eta=η)``: λ = 1 ↔ DDPM's ancestral sampler, λ = 0 ↔ DDIM.
+    With ``return_trajectory=True`` returns the stack [S+1, B, …] from x_T to x_0.
+    """
+    steps = sde_steps(model, x_T, schedule, timesteps, lam=lam, method=method, generator=generator)
+    if return_trajectory:
+        return torch.stack([x_T, *steps])
+    x = x_T
+    for x in steps:
+        pass
+    return x
