@@ -94,6 +94,11 @@ class Schedule:
             raise ValueError(f"sigma must be >= 0, got min {sigma.min().item()}")
         return self.t_from_log_alpha_bar(-torch.log1p(sigma**2))
 
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        """(σ(0), σ(T-1)): the noise levels at which a model can be evaluated."""
+        return self.sigma(0.0).item(), self.sigma(float(self.T - 1)).item()
+
     @staticmethod
     def alpha_bar_from_sigma(sigma) -> Tensor:
         """``ᾱ = 1 / (1 + σ²)``, the inverse change of variables of Eq 14."""

@@ -164,10 +164,10 @@ def solve_adaptive(model: Model, x_bar: Tensor, schedule: Schedule, sigma_start:
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be > 0, got rtol={rtol!r}, atol={atol!r}")
     f = probability_flow(model, schedule)
-    span = torch.tensor([sigma_start, sigma_end], dtype=torch.float64)
+    span = torch.tensor([sigma_start, sigma_end], dtype=x_bar.dtype)  # torchdiffeq keeps time in y's dtype
     # step_t makes the solver land on sigma_end instead of stepping past it and interpolating:
-    # below σ(0) the model is not defined.
-    out = odeint(f, x_bar, span.to(x_bar.dtype), method=method, rtol=rtol, atol=atol, options={"step_t": span})
+    # beyond the schedule's noise levels the model is not defined.
+    out = odeint(f, x_bar, span, method=method, rtol=rtol, atol=atol, options={"step_t": span})
     return out[-1], f.nfe
 
 

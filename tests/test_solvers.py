@@ -157,3 +157,15 @@ def test_bad_input(sched, mixture):
     for method in ("heun", "dpm_solver_3", ADAPTIVE[0]):
         with pytest.raises(FloatingPointError, match="NaN"):
             sample(nan_mid, x_T(4), sched, tau, method=method)
+
+
+def test_every_method_runs_in_float32(sched, mixture):
+    """float32 states: the noise levels' rounding at σ(0) and σ(T-1) must not leave the schedule."""
+    exact = mixture.eps_model(sched)
+    model = lambda x, t: exact(x.double(), t.double()).float()
+    x = x_T(64).float()
+    ref = sample(exact, x.double(), sched, sched.timesteps(10, "karras"), method="heun")
+    for method in (*METHODS, "dopri5", "bosh3"):
+        out = sample(model, x, sched, sched.timesteps(10, "karras"), method=method)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all(), method
+        assert (out.double() - ref).abs().max() < 0.5, method  # same ODE, different discretisations
