@@ -19,16 +19,6 @@ from ddim_edu.schedules import linear_schedule
 from ddim_edu.sde import standard_normal_logp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny: on a loaded 2-core machine, torch's intra-op threads made a
-    # [16, 8] softmax ~100× slower (measured), which would dominate every ODE solve below.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sched():
     return linear_schedule()

@@ -16,15 +16,6 @@ MU = torch.tensor([0.5, -1.0], dtype=torch.float64)
 STD = 0.3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: on a loaded 2-core machine torch's intra-op threads slow them ~100× (measured).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sched():
     return linear_schedule()

@@ -133,3 +133,32 @@ def test_sigma_zero_is_rejected(sched, sigma_1):
         gamma_printed(sched, sig[:10], d=2)
     with pytest.raises(ValueError, match="gamma must have shape"):
         l_gamma_samples(lambda x, t: x, torch.zeros(3, 2, dtype=torch.float64), sched, torch.ones(5))
+
+
+def test_theorem1_for_untrained_and_trained_networks(sched, sigma_1):
+    """The same constant C for two real networks (random and trained with L_1) and the exact ε."""
+    from ddim_edu.nets import MLPEps
+    from ddim_edu.training import train_eps_model
+
+    data = GaussianMixture.ring(K=8, radius=1.0, std=0.05)
+    torch.manual_seed(0)
+    untrained = MLPEps(dim=2, hidden=64, n_blocks=2).double()
+    torch.nn.init.normal_(untrained.out[1].weight, std=0.5)  # the output layer starts at zero otherwise
+    trained = MLPEps(dim=2, hidden=64, n_blocks=2).double()
+    train_eps_model(trained, data.sample(20000, generator=torch.Generator().manual_seed(1)), sched,
+                    steps=300, batch_size=256, progress=False)
+    models = {"untrained": untrained.eval(), "trained": trained.eval(), "exact": data.eps_model(sched)}
+    eta = 1.0
+    sig = sigmas_for_eta(sched, eta, sigma_1)
+    g = gamma_exact(sched, sig)
+    C = constant_C(sched, sig, 2, data.second_moment()).item()
+    gen = torch.Generator().manual_seed(2)
+    n = 400
+    js = {}
+    for name, model in models.items():
+        J = j_sigma_samples(model, data.sample(n, generator=gen), sched, eta, sigma_1, generator=gen)
+        L = l_gamma_samples(model, data.sample(n, generator=gen), sched, g, generator=gen)
+        se = math.sqrt(J.var().item() / n + L.var().item() / n)
+        assert abs(J.mean().item() - L.mean().item() - C) < 4 * se, (name, J.mean() - L.mean(), C, se)
+        js[name] = J.mean().item()
+    assert js["untrained"] > js["trained"] > js["exact"]  # training lowers J_σ towards the exact ε
