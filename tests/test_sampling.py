@@ -6,7 +6,7 @@ import torch
 
 from ddim_edu.forward import q_sigma_reverse_mean, sigma_eta
 from ddim_edu.mixture import GaussianMixture
-from ddim_edu.sampling import ddim_steps, predict_x0, sigma_hat_steps
+from ddim_edu.sampling import ddim_steps, predict_x0
 from ddim_edu.schedules import linear_schedule
 from ddim_edu.solvers import sample
 
