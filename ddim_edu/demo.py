@@ -129,7 +129,7 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="swiss_roll", choices=sorted(DATASETS))
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--train-steps", type=int, default=4000)
+    parser.add_argument("--train-steps", type=int, default=8000)
     parser.add_argument("--n-samples", type=int, default=2000, help="samples per cell (and held-out points used)")
     parser.add_argument("--spacing", default="uniform", choices=SPACINGS,
                         help="sub-sequence τ; 'uniform' is the paper's (starts at t = T - T/S)")

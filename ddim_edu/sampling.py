@@ -111,7 +111,7 @@ def ddim_steps(
     for i in _step_range(len(tau), progress, "DDIM"):
         eps = call_model(model, x, t_in[i], tau_f[i])
         if clip_x0 is None:
-            x = torch.add(x * a[i], eps, alpha=b[i])
+            x = torch.mul(x, a[i]).add_(eps, alpha=b[i])  # a new tensor, then in place: x_T is never written
         else:
             # Eq 12 proper, with the clipped prediction: sqrt(α_prev) f + sqrt(1-α_prev-σ²) ε.
             x0 = predict_x0(x, eps, alpha[i]).clamp(-clip_x0, clip_x0)
