@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .metrics import energy_distance, mmd_rbf, sliced_wasserstein  # noqa: E402
+from .metrics import energy_distance, mmd_rbf  # noqa: E402
 from .nets import MLPEps  # noqa: E402
 from .schedules import SPACINGS, linear_schedule  # noqa: E402
 from .solvers import sample  # noqa: E402

@@ -66,6 +66,16 @@ def check_x(x_T) -> None:
         raise ValueError(f"x_T must be a floating-point tensor of shape [B, ...], got {getattr(x_T, 'shape', type(x_T))}")
 
 
+def run_steps(x_T: Tensor, steps: Iterator[Tensor], return_trajectory: bool = False) -> Tensor:
+    """Run a step generator to the end: x_0, or with ``return_trajectory`` the stack [S+1, B, …] from x_T to x_0."""
+    if return_trajectory:
+        return torch.stack([x_T, *steps])
+    x = x_T
+    for x in steps:  # noqa: B007 (only the last state is kept)
+        pass
+    return x
+
+
 def _step_range(S: int, progress: bool, desc: str):
     """Step indices S-1, …, 0 (sampling runs from τ_S down), with a tqdm bar when asked."""
     steps = range(S - 1, -1, -1)

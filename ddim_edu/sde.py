@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .forward import bcast
-from .sampling import Model, call_model, check_x, noise_like
+from .sampling import Model, call_model, check_x, noise_like, run_steps
 from .schedules import Schedule
 
 
@@ -220,9 +220,4 @@ def sample_sde(
     With ``return_trajectory=True`` returns the stack [S+1, B, …] from x_T to x_0.
     """
     steps = sde_steps(model, x_T, schedule, timesteps, lam=lam, method=method, generator=generator)
-    if return_trajectory:
-        return torch.stack([x_T, *steps])
-    x = x_T
-    for x in steps:
-        pass
-    return x
+    return run_steps(x_T, steps, return_trajectory)

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .ode import eps_at_sigma, probability_flow
-from .sampling import Model, check_x, ddim_steps, sigma_hat_steps
+from .sampling import Model, check_x, ddim_steps, run_steps, sigma_hat_steps
 from .schedules import Schedule
 
 SAMPLERS = {
@@ -208,12 +208,7 @@ def sample(
         if method != "ddim" and eta != 0.0:
             raise ValueError(f"eta applies to method 'ddim' only; method {method!r} got eta={eta!r}")
         steps = SAMPLERS[method](model, x_T, schedule, timesteps, generator=generator, **extra, **options)
-        if return_trajectory:
-            return torch.stack([x_T, *steps])
-        x = x_T
-        for x in steps:
-            pass
-        return x
+        return run_steps(x_T, steps, return_trajectory)
     if method not in METHODS and method not in ADAPTIVE:
         raise ValueError(f"method must be one of {sorted([*SAMPLERS, *METHODS, *ADAPTIVE])}, got {method!r}")
     if eta != 0.0:
