@@ -177,3 +177,6 @@ def test_bad_model_output_is_caught(sched):
         sample(nan_late, x, sched, tau)
     with pytest.raises(FloatingPointError, match="NaN"):
         sample(nan_late, x, sched, tau, method="sigma_hat")
+    with pytest.raises(FloatingPointError, match="x_0 has NaN.*check_finite=True"):
+        sample(nan_late, x, sched, tau, check_finite=False)
+    assert torch.isfinite(sample(lambda x, t: 0.1 * x, x, sched, tau, check_finite=False)).all()
