@@ -146,7 +146,7 @@ def test_bad_input(sched, mixture):
     model = mixture.eps_model(sched)
     tau = sched.timesteps(10, "karras")
     with pytest.raises(ValueError, match=r"method must be one of \[.*'dpmpp_2m'.*\]"):
-        sample(model, x_T(4), sched, tau, method="dpmpp_3m")
+        sample(model, x_T(4), sched, tau, method="dpmpp_4m")
     with pytest.raises(ValueError, match="at least 2"):
         sample(model, x_T(4), sched, [999.0], method="dpmpp_2m")
     with pytest.raises(ValueError, match="rtol and atol"):
@@ -169,3 +169,23 @@ def test_every_method_runs_in_float32(sched, mixture):
         out = sample(model, x, sched, sched.timesteps(10, "karras"), method=method)
         assert out.dtype == torch.float32 and torch.isfinite(out).all(), method
         assert (out.double() - ref).abs().max() < 0.5, method  # same ODE, different discretisations
+
+
+def test_dpmpp_3m_is_exact_when_the_x0_prediction_is_quadratic_in_lambda():
+    """If D = x̄ - σ ε is a quadratic c(λ) (λ = -log σ), Eq 14 is dx̄/dλ = c(λ) - x̄, and one 3M step
+    with exact history is exact: x̄(λ+h) = e^{-h} x̄ + ∫₀ʰ e^{-(h-τ)} c(λ+τ) dτ."""
+    from ddim_edu.solvers import dpmpp_3m_step
+
+    c0, c1, c2 = 0.3, -0.7, 0.25
+    c = lambda lam: c0 + c1 * lam + c2 * lam**2  # noqa: E731
+    eps = lambda x, s: (x - c(-math.log(s))) / s  # noqa: E731
+    sig = [2.0, 1.1, 0.5, 0.2]  # σ_{i-2}, σ_{i-1}, σ_i, σ_{i+1}: uneven steps in λ
+    xs = [torch.tensor([[1.3]], dtype=torch.float64), torch.tensor([[0.4]], dtype=torch.float64)]
+    history = [(s, x, eps(x, s)) for s, x in zip(sig[:2], xs)]
+    x = torch.tensor([[-0.6]], dtype=torch.float64)
+    out = dpmpp_3m_step(eps, x, sig[2], sig[3], history)
+    lam, h = -math.log(sig[2]), math.log(sig[2] / sig[3])
+    # ∫₀ʰ e^{-(h-τ)} τ^k dτ for k = 0, 1, 2, and c(λ+τ) = c(λ) + c'(λ) τ + c2 τ².
+    i0, i1, i2 = -math.expm1(-h), h + math.expm1(-h), h * h - 2 * h - 2 * math.expm1(-h)
+    exact = math.exp(-h) * x + c(lam) * i0 + (c1 + 2 * c2 * lam) * i1 + c2 * i2
+    torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
