@@ -13,14 +13,8 @@ from ddim_edu.forward import (
     sigma_eta,
     sigma_hat,
 )
-from ddim_edu.schedules import linear_schedule
 
 ETAS = (0.0, 0.2, 0.5, 1.0)
-
-
-@pytest.fixture(scope="module")
-def sched():
-    return linear_schedule()
 
 
 def gauss_logpdf(x, mean, var):

@@ -15,13 +15,7 @@ from ddim_edu.likelihood import (
 )
 from ddim_edu.mixture import GaussianMixture
 from ddim_edu.ode import eps_at_sigma
-from ddim_edu.schedules import linear_schedule
 from ddim_edu.sde import standard_normal_logp
-
-
-@pytest.fixture(scope="module")
-def sched():
-    return linear_schedule()
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,7 @@ import torch
 from ddim_edu.forward import q_sigma_reverse_mean, sigma_eta
 from ddim_edu.mixture import GaussianMixture
 from ddim_edu.sampling import ddim_steps, predict_x0
-from ddim_edu.schedules import linear_schedule
 from ddim_edu.solvers import sample
-
-
-@pytest.fixture(scope="module")
-def sched():
-    return linear_schedule()
-
-
-@pytest.fixture(scope="module")
-def gm():
-    return GaussianMixture.ring(K=8, radius=1.0, std=0.05)
 
 
 def x_T(n=64, d=2, seed=0):
@@ -26,9 +15,9 @@ def x_T(n=64, d=2, seed=0):
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
-def test_each_step_is_eq12(sched, gm, eta):
+def test_each_step_is_eq12(sched, ring, eta):
     """x_{τ_{i-1}} = sqrt(α_prev) f_θ + sqrt(1-α_prev-σ²) ε_θ + σ z: the Eq 7 mean at x_0 = f_θ, plus noise."""
-    model = gm.eps_model(sched)
+    model = ring.eps_model(sched)
     tau = sched.timesteps(20, "trailing")
     traj = sample(model, x_T(), sched, tau, eta=eta, generator=torch.Generator().manual_seed(5), return_trajectory=True)
     noise_gen = torch.Generator().manual_seed(5)
@@ -44,9 +33,9 @@ def test_each_step_is_eq12(sched, gm, eta):
         torch.testing.assert_close(traj[j + 1], expected, rtol=1e-12, atol=1e-12)
 
 
-def test_last_step_lands_on_alpha_one(sched, gm):
+def test_last_step_lands_on_alpha_one(sched, ring):
     """The last step returns f_θ(x_{τ_1}) exactly, not a sample at ᾱ(τ_1 - Δ)."""
-    model = gm.eps_model(sched)
+    model = ring.eps_model(sched)
     tau = sched.timesteps(10, "uniform")
     for eta in (0.0, 1.0):
         steps = list(ddim_steps(model, x_T(), sched, tau, eta, generator=torch.Generator().manual_seed(0)))
@@ -90,8 +79,8 @@ def test_samples_have_the_data_distribution(sched, eta):
     assert ((x0.std(0) - s).abs() < 5 * s * math.sqrt(2 / n) + 2e-3).all()
 
 
-def test_eta_zero_is_deterministic_and_generator_reproduces(sched, gm):
-    model = gm.eps_model(sched)
+def test_eta_zero_is_deterministic_and_generator_reproduces(sched, ring):
+    model = ring.eps_model(sched)
     tau = sched.timesteps(10, "uniform")
     a = sample(model, x_T(), sched, tau, eta=0.0, generator=torch.Generator().manual_seed(0))
     b = sample(model, x_T(), sched, tau, eta=0.0, generator=torch.Generator().manual_seed(1))
@@ -102,7 +91,7 @@ def test_eta_zero_is_deterministic_and_generator_reproduces(sched, gm):
     assert torch.equal(c, d) and not torch.equal(c, e)
 
 
-def test_clipping_is_off_by_default_and_bounds_x0_when_on(sched, gm):
+def test_clipping_is_off_by_default_and_bounds_x0_when_on(sched, ring):
     model = lambda x, t: 0.0 * x  # predicts x0 = x / sqrt(ᾱ): far outside [-1, 1]
     xT = 3 * x_T()
     tau = sched.timesteps(10, "uniform")
@@ -112,9 +101,9 @@ def test_clipping_is_off_by_default_and_bounds_x0_when_on(sched, gm):
     assert clipped.abs().max() <= 1.0
 
 
-def test_sigma_hat_step_is_the_reference_ddpm_update(sched, gm):
+def test_sigma_hat_step_is_the_reference_ddpm_update(sched, ring):
     """σ̂ row: x_prev = (sqrt(α_prev) β x̂_0 + sqrt(1-β)(1-α_prev) x_t)/(1-α_t) + σ̂ z, β = 1-α_t/α_prev, x̂_0 clipped."""
-    model = gm.eps_model(sched)
+    model = ring.eps_model(sched)
     tau = sched.timesteps(10, "quad")
     traj = sample(model, x_T(), sched, tau, method="sigma_hat", generator=torch.Generator().manual_seed(3),
                   return_trajectory=True)

@@ -6,11 +6,6 @@ import torch
 from ddim_edu.schedules import Schedule, cosine_schedule, linear_schedule
 
 
-@pytest.fixture(scope="module")
-def sched():
-    return linear_schedule()
-
-
 def test_linear_schedule_is_ddpm(sched):
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     assert sched.T == 1000

@@ -17,11 +17,6 @@ STD = 0.3
 
 
 @pytest.fixture(scope="module")
-def sched():
-    return linear_schedule()
-
-
-@pytest.fixture(scope="module")
 def vp(sched):
     return VPSDE(sched)
 

@@ -6,19 +6,7 @@ import pytest
 import torch
 
 from ddim_edu.interpolation import slerp
-from ddim_edu.mixture import GaussianMixture
-from ddim_edu.schedules import linear_schedule
 from ddim_edu.solvers import ADAPTIVE, METHODS, encode, integrate, sample, solve_adaptive
-
-
-@pytest.fixture(scope="module")
-def sched():
-    return linear_schedule()
-
-
-@pytest.fixture(scope="module")
-def mixture():
-    return GaussianMixture.ring(K=8, radius=1.0, std=0.05)
 
 
 def x_T(n=256, seed=0):
@@ -26,18 +14,18 @@ def x_T(n=256, seed=0):
 
 
 @pytest.mark.parametrize("spacing", ["uniform", "quad", "trailing"])
-def test_euler_on_eq14_is_ddim(sched, mixture, spacing):
-    model = mixture.eps_model(sched)
+def test_euler_on_eq14_is_ddim(sched, ring, spacing):
+    model = ring.eps_model(sched)
     tau = sched.timesteps(25, spacing)
     ddim = sample(model, x_T(), sched, tau, method="ddim", eta=0.0)
     euler = sample(model, x_T(), sched, tau, method="euler")
     assert (ddim - euler).abs().max() < 1e-12
 
 
-def test_dpm_solver_1_is_ddim(sched, mixture):
+def test_dpm_solver_1_is_ddim(sched, ring):
     """DPM-Solver-1 (Lu et al. 2022, Eq 3.7): x_t = (α_t/α_s) x_s - σ_t (e^h - 1) ε_s, h = λ_t - λ_s,
     with α = sqrt(ᾱ), σ = sqrt(1-ᾱ), λ = log(α/σ). Written here in its own variables."""
-    model = mixture.eps_model(sched)
+    model = ring.eps_model(sched)
     tau = sched.timesteps(20, "trailing")
     x = x_T()
     a = sched.alpha_bar(tau).sqrt().flip(0).tolist()
@@ -53,9 +41,9 @@ def test_dpm_solver_1_is_ddim(sched, mixture):
 
 
 @pytest.fixture(scope="module")
-def reference(sched, mixture):
+def reference(sched, ring):
     """Eq 14 from σ(T-1) to σ(0), solved by dopri5 at rtol = atol = 1e-11 in float64."""
-    model = mixture.eps_model(sched)
+    model = ring.eps_model(sched)
     s_max, s_min = sched.sigma(999.0).item(), sched.sigma(0.0).item()
     x_bar = x_T(128) * math.sqrt(1 + s_max**2)
     ref, nfe = solve_adaptive(model, x_bar, sched, s_max, s_min, rtol=1e-11, atol=1e-11)
@@ -63,9 +51,9 @@ def reference(sched, mixture):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_measured_convergence_order(sched, mixture, reference, method):
+def test_measured_convergence_order(sched, ring, reference, method):
     """Slope of log RMSE vs log S (Karras grid, S = 100..400) is the method's order ± 0.3."""
-    model = mixture.eps_model(sched)
+    model = ring.eps_model(sched)
     x_bar, ref, _ = reference
     steps = [100, 200, 400]
     errors = []
@@ -76,8 +64,8 @@ def test_measured_convergence_order(sched, mixture, reference, method):
     assert abs(slope - METHODS[method].order) < 0.3, (method, slope, errors)
 
 
-def test_adaptive_solver_reaches_its_tolerance_and_counts_evaluations(sched, mixture, reference):
-    model = mixture.eps_model(sched)
+def test_adaptive_solver_reaches_its_tolerance_and_counts_evaluations(sched, ring, reference):
+    model = ring.eps_model(sched)
     x_bar, ref, nfe_ref = reference
     s_max, s_min = sched.sigma(999.0).item(), sched.sigma(0.0).item()
     errors, nfes = [], []
@@ -95,9 +83,9 @@ def test_adaptive_solver_reaches_its_tolerance_and_counts_evaluations(sched, mix
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_encode_then_sample_reconstructs(sched, mixture, method):
-    model = mixture.eps_model(sched)
-    x0 = mixture.sample(128, generator=torch.Generator().manual_seed(3))
+def test_encode_then_sample_reconstructs(sched, ring, method):
+    model = ring.eps_model(sched)
+    x0 = ring.sample(128, generator=torch.Generator().manual_seed(3))
     errors = []
     for S in (20, 100):
         tau = sched.timesteps(S, "karras")
@@ -106,10 +94,10 @@ def test_encode_then_sample_reconstructs(sched, mixture, method):
     assert errors[1] < errors[0] / 5 and errors[1] < 2e-3, errors
 
 
-def test_encoding_maps_data_to_the_prior(sched, mixture):
+def test_encoding_maps_data_to_the_prior(sched, ring):
     """DDIM inversion with many steps gives latents distributed as N(0, I)."""
-    model = mixture.eps_model(sched)
-    x0 = mixture.sample(2000, generator=torch.Generator().manual_seed(4))
+    model = ring.eps_model(sched)
+    x0 = ring.sample(2000, generator=torch.Generator().manual_seed(4))
     z = encode(model, x0, sched, sched.timesteps(100, "karras"), "dpmpp_2m")
     assert z.mean(0).abs().max() < 0.1 and (z.std(0) - 1).abs().max() < 0.1
 
@@ -142,8 +130,8 @@ def test_slerp():
         slerp(a, b, 1.5)
 
 
-def test_bad_input(sched, mixture):
-    model = mixture.eps_model(sched)
+def test_bad_input(sched, ring):
+    model = ring.eps_model(sched)
     tau = sched.timesteps(10, "karras")
     with pytest.raises(ValueError, match=r"method must be one of \[.*'dpmpp_2m'.*\]"):
         sample(model, x_T(4), sched, tau, method="dpmpp_4m")
@@ -159,9 +147,9 @@ def test_bad_input(sched, mixture):
             sample(nan_mid, x_T(4), sched, tau, method=method)
 
 
-def test_every_method_runs_in_float32(sched, mixture):
+def test_every_method_runs_in_float32(sched, ring):
     """float32 states: the noise levels' rounding at σ(0) and σ(T-1) must not leave the schedule."""
-    exact = mixture.eps_model(sched)
+    exact = ring.eps_model(sched)
     model = lambda x, t: exact(x.double(), t.double()).float()
     x = x_T(64).float()
     ref = sample(exact, x.double(), sched, sched.timesteps(10, "karras"), method="heun")

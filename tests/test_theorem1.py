@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from ddim_edu.mixture import GaussianMixture
-from ddim_edu.schedules import linear_schedule
 from ddim_edu.theorem1 import (
     constant_C,
     gamma_exact,
@@ -20,11 +19,6 @@ from ddim_edu.theorem1 import (
 
 MU = torch.tensor([0.7, -0.3], dtype=torch.float64)
 STD = 0.4
-
-
-@pytest.fixture(scope="module")
-def sched():
-    return linear_schedule()
 
 
 @pytest.fixture(scope="module")
