@@ -25,7 +25,9 @@ class Schedule:
     ``alpha_bar(t)`` interpolates ``log ᾱ`` linearly between integer timesteps (equivalently,
     β is spread evenly over each unit interval), so it equals ``alphas_cumprod`` at integers,
     is strictly decreasing, and has a closed-form inverse. It is defined on ``[-1, T-1]``
-    with ``alpha_bar(-1) = 1`` (the paper's ``α_0``).
+    with ``alpha_bar(-1) = 1`` (the paper's ``α_0``). diffusers and k-diffusion extend a
+    schedule differently (log σ linear between integers), so at fractional t the two map one σ
+    to timesteps up to about 0.01 apart; at integers they agree.
     """
 
     def __init__(self, betas: Tensor):
