@@ -1,0 +1,292 @@
+"""Image data: CIFAR-10 from its official binary archive, and a small photo that ships with the repository.
+
+DDIM's image experiments (Section 5) train on CIFAR-10, 32×32 RGB, with pixels mapped to
+[-1, 1] as in DDPM. :func:`load_cifar10` reads the *binary* version,
+https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz: each ``.bin`` file is a sequence of
+records of 1 label byte followed by 3072 pixel bytes (the red, then green, then blue 32×32 plane,
+each row-major), i.e. CHW order. numpy reads it directly; the python version of the data set is a
+set of pickles, and unpickling a downloaded file can run arbitrary code, so it is not supported.
+
+Nothing here downloads. For work on a CPU, tests and CI, :func:`load_offline_images` cuts patches
+from a photo frozen in ``toy_data/grace_hopper_half.npz`` (made by :func:`make_offline_photo`
+from matplotlib's bundled sample ``grace_hopper.jpg``; see ``toy_data/README.md``).
+"""
+from __future__ import annotations
+
+import numbers
+import os
+import tarfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from torch import Tensor
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_ENV = "DDIM_EDU_CIFAR10"
+CIFAR10_FOLDER = "cifar-10-batches-bin"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_FILES = {
+    "train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+    "test": ("test_batch.bin",),
+}
+RECORD_BYTES = 1 + 3 * 32 * 32  # one label byte, then the R, G and B planes
+
+#: Folder of the frozen data, ``<repository>/toy_data`` (not a python package).
+TOY_DATA_DIR = Path(__file__).resolve().parent.parent / "toy_data"
+OFFLINE_PHOTO = TOY_DATA_DIR / "grace_hopper_half.npz"
+
+
+# --- pixels <-> model range ----------------------------------------------------------------------
+
+
+def pixels_to_float(images: Tensor) -> Tensor:
+    """uint8 pixels {0, …, 255} to float32 in [-1, 1] (DDPM's ``x / 127.5 - 1``); shape unchanged."""
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8:
+        raise ValueError(f"images must be a uint8 tensor, got {getattr(images, 'dtype', type(images).__name__)}")
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+def float_to_pixels(x: Tensor) -> Tensor:
+    """Float images in [-1, 1] back to uint8 pixels (clamped, rounded to nearest); the inverse of :func:`pixels_to_float`."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# --- CIFAR-10, binary version --------------------------------------------------------------------
+
+
+def _missing(where: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"CIFAR-10 (binary version) not found: {where}. Nothing is downloaded automatically; fetch the "
+        f"archive (about 163 MB) once with\n    curl -O {CIFAR10_URL}\nthen pass its path (the .tar.gz itself, "
+        f"or the extracted '{CIFAR10_FOLDER}' folder) as `path`, or set the environment variable "
+        f"{CIFAR10_ENV}=/path/to/cifar-10-binary.tar.gz"
+    )
+
+
+def _pickle_version(where: str) -> ValueError:
+    return ValueError(
+        f"{where} is the python (pickle) version of CIFAR-10, which is not supported: reading it requires "
+        f"unpickling, and unpickling a downloaded file can run arbitrary code. Use the binary version, "
+        f"{CIFAR10_URL} (curl -O {CIFAR10_URL})"
+    )
+
+
+def _parse_records(raw: bytes | np.ndarray, where: str, records_per_file: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Split one ``.bin`` file's bytes into images [n, 3, 32, 32] and labels [n] (both uint8)."""
+    buf = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, bytes) else raw
+    if buf.size == 0 or buf.size % RECORD_BYTES:
+        raise ValueError(
+            f"{where} has {buf.size} bytes, not a positive multiple of the record size {RECORD_BYTES} "
+            "(1 label byte + 3072 pixel bytes): the file is truncated or not CIFAR-10 binary data "
+            "(CIFAR-100's records have 2 label bytes)"
+        )
+    records = buf.reshape(-1, RECORD_BYTES)
+    if records_per_file is not None and len(records) != records_per_file:
+        raise ValueError(f"{where} holds {len(records)} records, expected {records_per_file}: the file is truncated or not CIFAR-10")
+    labels = records[:, 0]
+    if int(labels.max()) >= len(CIFAR10_CLASSES):
+        raise ValueError(f"{where} has label bytes up to {int(labels.max())}, but CIFAR-10 labels lie in 0..9: not CIFAR-10 binary data")
+    return records[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
+def _resolve_cifar10(path) -> Path:
+    """The folder ``cifar-10-batches-bin`` or the archive that ``path`` (or the environment variable) points to."""
+    if path is None:
+        env = os.environ.get(CIFAR10_ENV)
+        if not env:
+            raise _missing(f"no path was given and the environment variable {CIFAR10_ENV} is not set")
+        path = env
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / CIFAR10_FILES["test"][0]).is_file() or any((p / f).is_file() for f in CIFAR10_FILES["train"]):
+            return p
+        if (p / CIFAR10_FOLDER).is_dir():
+            return p / CIFAR10_FOLDER
+        if (p / "cifar-10-binary.tar.gz").is_file():
+            return p / "cifar-10-binary.tar.gz"
+        if p.name == "cifar-10-batches-py" or (p / "cifar-10-batches-py").is_dir() or (p / "data_batch_1").is_file():
+            raise _pickle_version(str(p))
+        raise _missing(f"{p} holds neither the '.bin' files nor a '{CIFAR10_FOLDER}' folder nor cifar-10-binary.tar.gz")
+    if p.is_file():
+        if "cifar-10-python" in p.name:
+            raise _pickle_version(str(p))
+        return p
+    raise _missing(f"{p} does not exist")
+
+
+def _checked_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> PurePosixPath:
+    """The member's name as a safe relative path, or ValueError (absolute, '..', links, devices)."""
+    name = PurePosixPath(member.name)
+    if name.is_absolute() or ".." in name.parts or "\\" in member.name or not member.name.strip("./"):
+        raise ValueError(f"unsafe member name {member.name!r} in {tar.name}: refusing to extract outside the destination")
+    if not member.isreg():
+        raise ValueError(f"member {member.name!r} in {tar.name} is not a regular file (link or device): refusing it")
+    return name
+
+
+def _read_archive(archive: Path, names: tuple[str, ...], records_per_file: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Read the wanted ``.bin`` members of the archive into memory (nothing is written to disk)."""
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except (tarfile.TarError, OSError) as err:
+        raise ValueError(f"{archive} is not a readable tar archive ({err}); expected {CIFAR10_URL}") from err
+    with tar:
+        try:
+            members = {m.name[2:] if m.name.startswith("./") else m.name: m for m in tar.getmembers()}
+        except (tarfile.TarError, EOFError, OSError) as err:
+            raise ValueError(f"{archive} is a truncated or corrupt archive ({err}); download it again from {CIFAR10_URL}") from err
+        if any(n.startswith("cifar-10-batches-py/") for n in members):
+            raise _pickle_version(str(archive))
+        out = []
+        for name in names:
+            key = f"{CIFAR10_FOLDER}/{name}"
+            if key not in members:
+                raise ValueError(f"{archive} has no member {key!r}: not the CIFAR-10 binary archive ({CIFAR10_URL})")
+            member = members[key]
+            _checked_member(tar, member)
+            try:
+                raw = tar.extractfile(member).read()
+            except (tarfile.TarError, EOFError, OSError) as err:
+                raise ValueError(f"{archive}: cannot read {key} ({err}); the archive is truncated or corrupt") from err
+            out.append(_parse_records(raw, f"{archive}:{key}", records_per_file))
+    return out
+
+
+def load_cifar10(path=None, split: str = "train", *, records_per_file: int | None = 10000) -> tuple[Tensor, Tensor]:
+    """CIFAR-10 from the official binary version: (images uint8 [N, 3, 32, 32], labels int64 [N]).
+
+    ``path`` is ``cifar-10-binary.tar.gz`` (read in memory, nothing extracted to disk; see
+    :func:`extract_cifar10` to unpack once for faster loading), the extracted
+    ``cifar-10-batches-bin`` folder, or a folder holding either; ``None`` reads the environment
+    variable ``DDIM_EDU_CIFAR10``. ``split`` is ``"train"`` (``data_batch_1..5.bin``, N = 50000)
+    or ``"test"`` (``test_batch.bin``, N = 10000). Pixels keep the file's CHW order; map them to
+    [-1, 1] with :func:`pixels_to_float`. Each file must hold ``records_per_file`` records
+    (10000 in the real data; ``None`` accepts any positive number, for small test archives).
+
+    Raises FileNotFoundError (with the download command) if the data is missing, ValueError if
+    it is corrupt, truncated, or the unsupported python-pickle version.
+    """
+    if split not in CIFAR10_FILES:
+        raise ValueError(f"split must be one of {sorted(CIFAR10_FILES)}, got {split!r}")
+    if records_per_file is not None and (not isinstance(records_per_file, numbers.Integral) or records_per_file < 1):
+        raise ValueError(f"records_per_file must be a positive int or None, got {records_per_file!r}")
+    source = _resolve_cifar10(path)
+    names = CIFAR10_FILES[split]
+    if source.is_dir():
+        missing = [n for n in names if not (source / n).is_file()]
+        if missing:
+            raise _missing(f"{source} lacks {', '.join(missing)} (an incomplete extraction?)")
+        parts = [_parse_records(np.fromfile(source / n, dtype=np.uint8), str(source / n), records_per_file) for n in names]
+    else:
+        parts = _read_archive(source, names, records_per_file)
+    images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    labels = torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.int64))
+    return images, labels
+
+
+def extract_cifar10(archive, dest) -> Path:
+    """Unpack the ``.bin`` files (and ``batches.meta.txt``) of the binary archive into ``dest``; returns ``dest/cifar-10-batches-bin``.
+
+    Only regular-file members under ``cifar-10-batches-bin/`` are written; a member with an
+    absolute name, a ``..`` component or a link raises ValueError before anything is written, so
+    a malicious archive cannot write outside ``dest``. Files are written to a temporary name and
+    renamed, so an interrupted extraction leaves no truncated ``.bin`` file behind.
+    """
+    archive, dest = Path(archive).expanduser(), Path(dest).expanduser()
+    if not archive.is_file():
+        raise _missing(f"{archive} does not exist")
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except (tarfile.TarError, OSError) as err:
+        raise ValueError(f"{archive} is not a readable tar archive ({err}); expected {CIFAR10_URL}") from err
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as err:
+            raise ValueError(f"{archive} is a truncated or corrupt archive ({err})") from err
+        names = [_checked_member(tar, m) for m in members if not m.isdir()]  # check every member first
+        if any(n.parts[0] == "cifar-10-batches-py" for n in names):
+            raise _pickle_version(str(archive))
+        wanted = [(m, n) for m, n in zip([m for m in members if not m.isdir()], names)
+                  if len(n.parts) == 2 and n.parts[0] == CIFAR10_FOLDER and (n.suffix == ".bin" or n.name == "batches.meta.txt")]
+        if not wanted:
+            raise ValueError(f"{archive} has no '{CIFAR10_FOLDER}/*.bin' members: not the CIFAR-10 binary archive ({CIFAR10_URL})")
+        out_dir = dest / CIFAR10_FOLDER
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for member, name in wanted:
+            target = out_dir / name.name
+            tmp = target.with_name(f".{name.name}.part")
+            try:
+                with tar.extractfile(member) as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+    return out_dir
+
+
+# --- a small set of real images that works offline -------------------------------------------------
+
+
+def make_offline_photo(path=None) -> np.ndarray:
+    """Rebuild the frozen photo from matplotlib's bundled ``grace_hopper.jpg`` (600×512 RGB).
+
+    The photo is halved by averaging 2×2 blocks (rounding to nearest) to uint8 [3, 300, 256].
+    With ``path`` it is also written there as a compressed ``.npz`` (key ``photo``), which is how
+    ``toy_data/grace_hopper_half.npz`` was made. Reading the JPEG needs Pillow, a dependency of
+    matplotlib; a different JPEG decoder may change a few pixel values by one or two levels.
+    """
+    import matplotlib.cbook
+    import matplotlib.pyplot as plt
+
+    rgb = np.asarray(plt.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
+    if rgb.dtype != np.uint8 or rgb.shape != (600, 512, 3):
+        raise ValueError(f"unexpected grace_hopper.jpg: {rgb.shape} {rgb.dtype}, expected (600, 512, 3) uint8")
+    half = rgb.reshape(300, 2, 256, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    photo = np.floor(half + 0.5).astype(np.uint8).transpose(2, 0, 1).copy()  # [3, 300, 256]
+    if path is not None:
+        np.savez_compressed(path, photo=photo)
+    return photo
+
+
+def load_offline_photo() -> Tensor:
+    """The frozen photo ``toy_data/grace_hopper_half.npz`` as a uint8 tensor [3, 300, 256]."""
+    if not OFFLINE_PHOTO.is_file():
+        raise FileNotFoundError(
+            f"{OFFLINE_PHOTO} is missing; rebuild it (from matplotlib's bundled sample photo, offline) with\n"
+            f"    python -c \"from ddim_edu.data import make_offline_photo, OFFLINE_PHOTO; make_offline_photo(OFFLINE_PHOTO)\""
+        )
+    with np.load(OFFLINE_PHOTO, allow_pickle=False) as npz:
+        photo = npz["photo"]
+    if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[0] != 3:
+        raise ValueError(f"{OFFLINE_PHOTO} must hold a uint8 array [3, H, W] named 'photo', got {photo.shape} {photo.dtype}")
+    return torch.from_numpy(photo)
+
+
+def load_offline_images(size: int = 16, n: int = 512, seed: int = 0) -> Tensor:
+    """``n`` random ``size``×``size`` RGB patches of the frozen photo, float32 [n, 3, size, size] in [-1, 1].
+
+    Patch corners are drawn uniformly (with replacement) from a ``torch.Generator`` seeded with
+    ``seed``, so the set is the same on every machine. The photo (300×256, see
+    :func:`load_offline_photo`) has a flag, a dark uniform, a face and a plain background, so small
+    patches hold edges, textures and flat regions: real-image statistics for a CPU-sized model.
+    """
+    for name, value in (("size", size), ("n", n)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    photo = load_offline_photo()
+    _, H, W = photo.shape
+    if size > min(H, W):
+        raise ValueError(f"size must be at most {min(H, W)} (the photo is {H}×{W}), got {size}")
+    g = torch.Generator().manual_seed(seed)
+    top = torch.randint(0, H - size + 1, (n,), generator=g)
+    left = torch.randint(0, W - size + 1, (n,), generator=g)
+    rows = top[:, None] + torch.arange(size)  # [n, size]
+    cols = left[:, None] + torch.arange(size)
+    patches = photo[:, rows[:, :, None], cols[:, None, :]]  # [3, n, size, size]
+    return pixels_to_float(patches.permute(1, 0, 2, 3).contiguous())
