@@ -48,11 +48,10 @@ from .ode import eps_at_sigma
 from .sampling import Model
 from .schedules import Schedule
 from .sde import standard_normal_logp
+from .solvers import ADAPTIVE
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
-# Adaptive solvers only: a fixed-grid method on the grid [σ_min, σ_max] would take one step.
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 # Images in [-1, 1] from 8-bit data: pixel value k ∈ {0..255} ↦ x = k/127.5 - 1, so the bins
 # of neighbouring values are 1/127.5 = 2/255 apart.
 BIN_WIDTH_8BIT = 1 / 127.5
@@ -185,8 +184,8 @@ def log_likelihood(
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if isinstance(tol, bool) or not (isinstance(tol, numbers.Real) and math.isfinite(tol) and tol > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {tol!r}")
-    if method not in ADAPTIVE_METHODS:
-        raise ValueError(f"method must be one of torchdiffeq's adaptive solvers {ADAPTIVE_METHODS}, got {method!r}")
+    if method not in ADAPTIVE:  # a fixed-grid method on the grid [σ_min, σ_max] would take one step
+        raise ValueError(f"method must be one of torchdiffeq's adaptive solvers {ADAPTIVE}, got {method!r}")
     if isinstance(t_min, bool) or not (isinstance(t_min, numbers.Real) and 0 <= t_min < schedule.T - 1):
         raise ValueError(
             f"t_min must lie in [0, T-1) = [0, {schedule.T - 1}): the model is not defined below t = 0; got {t_min!r}"
