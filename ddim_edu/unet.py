@@ -294,7 +294,11 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(cur, c.in_channels, 3, padding=1)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """ε_θ(x, t) for x [B, C, H, W] and timestep indices t [B] (a scalar is used for the whole batch)."""
+        """ε_θ(x, t) for x [B, C, H, W] and timestep indices t [B] (a scalar is used for the whole batch).
+
+        The network runs in its parameters' dtype (``.double()`` for float64); x is cast to it and ε
+        back to x's dtype, so a float32 model serves a sampler that keeps its state in float64.
+        """
         c = self.config
         factor = 2 ** (c.num_levels - 1)
         if x.ndim != 4 or x.shape[1] != c.in_channels or x.shape[2] % factor or x.shape[3] % factor:
@@ -308,7 +312,7 @@ class UNet(nn.Module):
             raise ValueError(f"t must have shape [B] = [{x.shape[0]}], got {tuple(t.shape)}")
         temb = self.temb(t)  # [B, 4ch]
 
-        hs = [self.conv_in(x)]  # skip connections, (B, ch, H, W) first
+        hs = [self.conv_in(x.to(self.conv_in.weight.dtype))]  # skip connections, (B, ch, H, W) first
         for level in self.down:
             for j, block in enumerate(level.block):
                 h = block(hs[-1], temb)
@@ -328,4 +332,4 @@ class UNet(nn.Module):
             if level.upsample is not None:
                 h = level.upsample(h)
 
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+        return self.conv_out(F.silu(self.norm_out(h))).to(x.dtype)  # (B, C, H, W)

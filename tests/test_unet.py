@@ -312,10 +312,24 @@ def test_small_unet_forward_backward_and_contract():
         # a scalar t is used for the whole batch; rectangular inputs work (convolutions)
         torch.testing.assert_close(model(x, torch.tensor(17.0)), model(x, torch.full((4,), 17.0)))
         assert model(torch.randn(1, 3, 16, 24), torch.tensor([5.0])).shape == (1, 3, 16, 24)
+        # float64 states (as the samplers keep them) get float64 ε from the float32 network
+        eps64 = model(x.double(), t.double())
+        assert eps64.dtype == torch.float64
+        torch.testing.assert_close(eps64, model(x, t).double(), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"x must have shape \[B, 3, H, W\]"):
         model(torch.randn(2, 3, 15, 16), torch.zeros(2))
     with pytest.raises(ValueError, match=r"t must have shape \[B\] = \[2\]"):
         model(torch.randn(2, 3, 16, 16), torch.zeros(3))
+
+
+def test_small_unet_drives_the_ddim_sampler(sched):
+    from ddim_edu.solvers import sample
+
+    model = UNet(SMALL).eval()
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    with torch.no_grad():
+        x0 = sample(model, x_T, sched, sched.timesteps(4, "uniform"), eta=0.0)
+    assert x0.shape == x_T.shape and x0.dtype == torch.float64 and bool(torch.isfinite(x0).all())
 
 
 def test_config_validation():
