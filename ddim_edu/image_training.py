@@ -1,0 +1,426 @@
+"""Training an image ε-model (e.g. a UNet) with DDPM's L_1, with checkpoints that resume exactly.
+
+DDIM (Section 5) samples from networks trained as in DDPM (Ho et al. 2020, Appendix B): L_1
+(Eq 5 with γ = 1, :func:`ddim_edu.training.simple_loss`), Adam at lr 2e-4 with a linear warm-up
+over 5000 steps, gradient norms clipped at 1, an EMA of the weights with decay 0.9999, random
+horizontal flips, batch 128. :func:`train_image_model` does this for any ``nn.Module`` with
+``forward(x, t)`` (x [B, C, H, W], t float [B] of timestep indices), with what a real run needs:
+
+- all randomness of a step (minibatch indices, flips, timesteps t, noise ε) comes from one
+  ``torch.Generator`` seeded with ``seed``, drawn for the whole (global) batch in a fixed order;
+- checkpoints hold model, EMA, optimiser, lr scheduler, step, loss history and the random states
+  (torch's CPU and CUDA generators and the data generator) as plain tensors, so
+  ``torch.load(path, weights_only=True)`` reads them; they are written atomically (temporary file
+  in the same folder, fsync, ``os.replace``), so a crash or Ctrl-C never leaves a torn file;
+- resuming is exact: on a CPU, N steps, stop, resume, N more steps give the same bits as 2N steps;
+- Ctrl-C (KeyboardInterrupt) between steps writes a checkpoint of the last finished step first;
+- under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in
+  DistributedDataParallel and each rank takes its contiguous share of the global batch; since
+  DDP averages gradients and every rank draws the same global batch, the result equals
+  one-process training on the global batch up to float rounding. Only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from .data import float_to_pixels, pixels_to_float
+from .forward import q_sample
+from .schedules import Schedule
+from .solvers import sample
+from .training import simple_loss
+
+CHECKPOINT_FORMAT = "ddim_edu.image_training/1"
+_CHECKPOINT_KEYS = ("format", "step", "model", "ema", "ema_n_averaged", "optimizer", "scheduler", "rng", "losses", "config")
+
+
+@dataclass
+class ImageTrainResult:
+    """What :func:`train_image_model` returns.
+
+    ``model`` is the trained network (the object passed in), ``ema`` its EMA copy in eval mode (the
+    one to sample with), ``losses`` the global-batch L_1 loss of every step since step 0 (float64
+    [step], earlier runs' steps read from the checkpoint), ``step`` the number of steps done, and
+    ``seconds`` / ``images_per_second`` the wall time and throughput of this call's steps.
+    """
+
+    model: nn.Module
+    ema: nn.Module
+    losses: Tensor
+    step: int
+    seconds: float
+    images_per_second: float
+
+
+def linear_warmup(step: int, warmup: int) -> float:
+    """The lr multiplier at ``step`` (0-based): ``(step + 1) / warmup`` during warm-up, then 1 (DDPM's schedule)."""
+    return 1.0 if step >= warmup else (step + 1) / warmup
+
+
+# --- the loss on one rank's share of the global batch -----------------------------------------------
+
+
+def shard_loss(model, x0: Tensor, schedule: Schedule, generator: torch.Generator, batch_size: int, lo: int) -> Tensor:
+    """L_1 on rows ``lo : lo + len(x0)`` of a global batch of ``batch_size`` examples.
+
+    Draws t and ε for the *whole* global batch, in :func:`~ddim_edu.training.simple_loss`'s order
+    (t [B] first, then ε [B, …]), and uses this shard's rows, so the generator advances alike on
+    every rank. With ``lo = 0`` and ``len(x0) = batch_size`` this is ``simple_loss`` exactly.
+    """
+    n = x0.shape[0]
+    t = torch.randint(0, schedule.T, (batch_size,), generator=generator)[lo:lo + n]
+    eps = torch.randn((batch_size, *x0.shape[1:]), generator=generator, dtype=x0.dtype)[lo:lo + n].to(x0.device)
+    x_t = q_sample(x0, schedule.alphas_cumprod[t], eps)  # Eq 4
+    pred = model(x_t, t.to(device=x0.device, dtype=x0.dtype))
+    return (pred - eps).pow(2).flatten(1).sum(1).mean()
+
+
+# --- image grids -------------------------------------------------------------------------------------
+
+
+def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tile images [B, C, H, W] in [-1, 1] into one uint8 array [rows·(H+p)+p, nrow·(W+p)+p, C].
+
+    ``nrow`` images per row (default ``ceil(sqrt(B))``); ``padding`` pixels of ``pad_value`` between
+    and around them. C is 1 (grey) or 3 (RGB).
+    """
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] < 1:
+        raise ValueError(f"images must be a tensor [B, C, H, W] with C in (1, 3) and B >= 1, got {getattr(images, 'shape', images)}")
+    B, C, H, W = images.shape
+    nrow = nrow or math.ceil(math.sqrt(B))
+    rows = math.ceil(B / nrow)
+    pixels = float_to_pixels(images.cpu()).permute(0, 2, 3, 1).numpy()  # [B, H, W, C]
+    grid = np.full((rows * (H + padding) + padding, nrow * (W + padding) + padding, C), pad_value, dtype=np.uint8)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        top, left = padding + r * (H + padding), padding + c * (W + padding)
+        grid[top:top + H, left:left + W] = pixels[i]
+    return grid
+
+
+def save_image_grid(images: Tensor, path, nrow: int | None = None, padding: int = 2) -> Path:
+    """Write :func:`make_grid` of ``images`` (in [-1, 1]) as a PNG file (through matplotlib); returns the path."""
+    import matplotlib.image
+
+    grid = make_grid(images, nrow, padding)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    matplotlib.image.imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255, format="png")
+    return path
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path, checkpoint: dict) -> Path:
+    """``torch.save`` to ``path`` atomically: a temporary file in the same folder, flushed and
+    fsync'ed, then renamed over ``path`` with ``os.replace``. If anything fails (or Ctrl-C arrives)
+    before the rename, the previous file at ``path`` is untouched and the temporary file removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; not possible on Windows)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint of :func:`train_image_model` with ``weights_only=True`` (no arbitrary unpickling).
+
+    Raises FileNotFoundError if it is missing and ValueError if it is truncated, corrupt, or not
+    such a checkpoint. ``checkpoint["ema"]`` is a ``state_dict`` for the bare model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, … for damaged files
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "it is truncated or corrupt, or holds objects other than tensors and plain containers"
+        ) from err
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (written by ddim_edu.image_training.train_image_model)")
+    missing = [k for k in _CHECKPOINT_KEYS if k not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing}; it is damaged or from another version")
+    return checkpoint
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"torch_cpu": torch.get_rng_state(), "data": generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # one row per visible device
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# --- distributed helpers ----------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast_(tensor: Tensor, device: torch.device) -> Tensor:
+    """Rank 0's value of a CPU tensor on every rank (through ``device`` for NCCL)."""
+    buf = tensor.to(device if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(buf, src=0)
+    return buf.cpu()
+
+
+def _global_mean(loss: Tensor, world: int) -> Tensor:
+    if world == 1:
+        return loss.detach()
+    total = loss.detach().clone()
+    dist.all_reduce(total)  # SUM: gloo has no AVG
+    return total / world
+
+
+# --- the trainer -------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def train_image_model(
+    model: nn.Module,
+    data: Tensor,
+    schedule: Schedule,
+    *,
+    steps: int = 800_000,
+    batch_size: int = 128,
+    lr: float = 2e-4,
+    warmup: int = 5000,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    grad_clip: float | None = 1.0,
+    ema_decay: float = 0.9999,
+    hflip: bool = True,
+    seed: int = 0,
+    checkpoint=None,
+    checkpoint_every: int = 5000,
+    sample_dir=None,
+    sample_every: int = 5000,
+    n_samples: int = 64,
+    sample_steps: int = 50,
+    bf16: bool = True,
+    channels_last: bool = True,
+    compile: bool = False,
+    progress: bool = True,
+    callback: Callable[[int, Tensor, nn.Module, nn.Module], None] | None = None,
+) -> ImageTrainResult:
+    """Minimise L_1 with AdamW on random minibatches of ``data`` (DDPM's CIFAR-10 recipe by default).
+
+    ``data``: images [N, C, H, W], uint8 pixels (mapped to [-1, 1] per batch) or floats in [-1, 1];
+    on the CPU is fine, batches are moved to the model's device. Each step draws ``batch_size``
+    indices (with replacement), then a flip bit per image (if ``hflip``), then t and ε per image
+    (:func:`shard_loss`), all from one generator seeded with ``seed``. The lr rises linearly over
+    ``warmup`` steps (:func:`linear_warmup`), then stays at ``lr``; gradients are clipped to total
+    norm ``grad_clip`` (None: no clipping); the EMA is torch's ``AveragedModel`` with
+    ``get_ema_multi_avg_fn(ema_decay)`` (the first update copies the weights). The defaults are
+    DDPM's (Adam, so ``weight_decay = 0``); ``steps`` = 800k is its CIFAR-10 run.
+
+    ``checkpoint``: a file path. If it exists, training resumes from it (the hyperparameters above
+    must match the ones stored, ``steps`` may grow) and continues to ``steps`` in total; it is
+    rewritten every ``checkpoint_every`` steps, at the end, and on Ctrl-C between steps. Files are
+    written by rank 0 only; under DDP every rank reads the checkpoint, so it must be on a shared
+    file system. ``sample_dir``: every ``sample_every`` steps and at the end, ``n_samples`` DDIM
+    samples (η = 0, ``sample_steps`` uniform steps) of the EMA model from fixed noise are saved as
+    ``samples_<step>.png`` (its own generator: sampling does not change the training run).
+
+    On CUDA, ``bf16`` runs forward and loss under bfloat16 autocast and ``channels_last`` stores
+    activations NHWC; on a CPU both are ignored. ``compile`` wraps the forward in ``torch.compile``.
+    ``callback(step, loss, model, ema)`` runs after every step (0-based ``step``, global-batch loss).
+    With dropout, DDP ranks start from rank 0's random state, so their masks repeat across ranks; the
+    one-process equality holds for models without randomness in ``forward``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module (it is optimised), got {type(model).__name__}")
+    if not isinstance(data, Tensor) or data.ndim != 4 or data.shape[0] < 1 or not (data.dtype == torch.uint8 or data.is_floating_point()):
+        desc = (tuple(data.shape), data.dtype) if isinstance(data, Tensor) else type(data).__name__
+        raise ValueError(f"data must be images [N, C, H, W] (uint8 pixels or floats in [-1, 1]) with N >= 1, got {desc}")
+    for name, value, minimum in (("steps", steps, 1), ("batch_size", batch_size, 1), ("warmup", warmup, 0),
+                                 ("checkpoint_every", checkpoint_every, 1), ("sample_every", sample_every, 1),
+                                 ("n_samples", n_samples, 1), ("sample_steps", sample_steps, 1)):
+        _check_int(name, value, minimum)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
+    if not 0 <= ema_decay <= 1:
+        raise ValueError(f"ema_decay must lie in [0, 1], got {ema_decay!r}")
+    rank, world = _world()
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("model has no parameters to train")
+    device = params[0].device
+    on_cuda = device.type == "cuda"
+    use_bf16 = bf16 and on_cuda and torch.cuda.is_bf16_supported()
+    memory_format = torch.channels_last if (channels_last and on_cuda) else torch.contiguous_format
+    config = {"batch_size": batch_size, "lr": float(lr), "warmup": warmup, "weight_decay": float(weight_decay),
+              "betas": [float(b) for b in betas], "grad_clip": None if grad_clip is None else float(grad_clip),
+              "ema_decay": float(ema_decay), "hflip": bool(hflip), "seed": seed, "T": schedule.T}
+
+    # --- state: optimiser, scheduler, EMA, generators; restored from the checkpoint if there is one
+    generator = torch.Generator().manual_seed(seed)
+    resume = load_checkpoint(checkpoint) if checkpoint is not None and Path(checkpoint).is_file() else None
+    if resume is not None:
+        changed = {k: (resume["config"].get(k), v) for k, v in config.items() if resume["config"].get(k) != v}
+        if changed:
+            raise ValueError(f"checkpoint {checkpoint} was made with other settings, (stored, given): {changed}; "
+                             "pass the stored values or use a new checkpoint path")
+        try:
+            model.load_state_dict(resume["model"])
+        except RuntimeError as err:
+            raise ValueError(f"checkpoint {checkpoint} does not fit this model: {str(err).splitlines()[0]}") from err
+    if memory_format == torch.channels_last:
+        model.to(memory_format=memory_format)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup(s, warmup))
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+    step, losses_before = 0, torch.zeros(0, dtype=torch.float64)
+    if resume is not None:
+        averaged.module.load_state_dict(resume["ema"])
+        averaged.n_averaged.copy_(resume["ema_n_averaged"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        _set_rng_state(resume["rng"], generator)
+        step, losses_before = int(resume["step"]), resume["losses"].to(torch.float64)
+    elif world > 1:  # every rank continues from rank 0's random state (DDP broadcasts the weights itself)
+        torch.set_rng_state(_broadcast_(torch.get_rng_state(), device))
+        if on_cuda:
+            torch.cuda.set_rng_state(_broadcast_(torch.cuda.get_rng_state(device), device), device)
+    start_step = step
+
+    forward: nn.Module = model
+    if world > 1:
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
+    if compile:
+        forward = torch.compile(forward)
+    share = batch_size // world
+    lo = rank * share
+
+    def make_checkpoint(losses: Tensor) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(),
+                "ema": averaged.module.state_dict(), "ema_n_averaged": averaged.n_averaged.detach().cpu(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(generator), "losses": losses, "config": config}
+
+    sample_noise = None
+    if sample_dir is not None and rank == 0:
+        sample_noise = torch.randn((n_samples, *data.shape[1:]), generator=torch.Generator().manual_seed(seed))
+
+    def save_samples() -> None:
+        ema = averaged.module
+        was_training = ema.training
+        ema.eval()
+        with torch.no_grad():
+            x0 = sample(ema, sample_noise.to(device), schedule, schedule.timesteps(min(sample_steps, schedule.T)), method="ddim", eta=0.0)
+        ema.train(was_training)
+        save_image_grid(x0, Path(sample_dir) / f"samples_{step:07d}.png")
+
+    losses = torch.zeros(max(0, steps - start_step), dtype=torch.float64, device=device)
+    all_losses = lambda: torch.cat([losses_before, losses[:step - start_step].cpu()])  # noqa: E731
+    between_steps = True  # False while a step is half done: its state must not be saved
+    saved_step = step
+    bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc="training", leave=False)
+    model.train()
+    start = time.perf_counter()
+    try:
+        while step < steps:
+            between_steps = False
+            # one global batch: indices, flips, then (in shard_loss) t and ε, all from `generator`
+            idx = torch.randint(0, data.shape[0], (batch_size,), generator=generator)[lo:lo + share]
+            flip = (torch.rand(batch_size, generator=generator) < 0.5)[lo:lo + share] if hflip else None
+            x0 = data[idx.to(data.device)].to(device, non_blocking=True)
+            x0 = pixels_to_float(x0) if x0.dtype == torch.uint8 else x0.float()
+            if flip is not None:
+                x0 = torch.where(flip.to(device)[:, None, None, None], x0.flip(-1), x0)
+            x0 = x0.contiguous(memory_format=memory_format)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                if world == 1:
+                    loss = simple_loss(forward, x0, schedule, generator)
+                else:
+                    loss = shard_loss(forward, x0, schedule, generator, batch_size, lo)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # DDP: gradients averaged over ranks here
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            scheduler.step()
+            averaged.update_parameters(model)
+            loss = _global_mean(loss, world)
+            losses[step - start_step] = loss
+            step += 1
+            between_steps = True
+
+            if callback is not None:
+                callback(step - 1, loss, model, averaged.module)
+            if rank == 0 and checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
+                save_checkpoint(checkpoint, make_checkpoint(all_losses()))
+                saved_step = step
+            if sample_noise is not None and (step % sample_every == 0 or step == steps):
+                save_samples()
+            bar.update(1)
+            if progress and rank == 0 and (step % 25 == 0 or step == steps):
+                done = step - start_step
+                recent = losses[max(0, done - 50):done].mean().item()
+                rate = done * batch_size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{recent:.4f}", img_s=f"{rate:.0f}")
+    except KeyboardInterrupt:
+        if rank == 0 and checkpoint is not None and between_steps and step > saved_step:
+            save_checkpoint(checkpoint, make_checkpoint(all_losses()))
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+
+    ema = averaged.module
+    ema.eval()
+    done = step - start_step
+    return ImageTrainResult(model=model, ema=ema, losses=all_losses(), step=step, seconds=seconds,
+                            images_per_second=done * batch_size / seconds if seconds > 0 else math.inf)

@@ -1,0 +1,242 @@
+"""Image trainer: exact resume, Ctrl-C safety, atomic checkpoints, DDP equivalence, sample grids."""
+import os
+import socket
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from ddim_edu.data import load_offline_images
+from ddim_edu.image_training import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    make_grid,
+    save_checkpoint,
+    shard_loss,
+    train_image_model,
+)
+from ddim_edu.schedules import linear_schedule
+from ddim_edu.training import simple_loss
+
+
+class TinyEps(nn.Module):
+    """A two-layer conv ε-model with a time bias and (optional) dropout: enough to test the trainer."""
+
+    def __init__(self, dropout=0.1, width=8):
+        super().__init__()
+        self.inp = nn.Conv2d(3, width, 3, padding=1)
+        self.time = nn.Linear(1, width)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Conv2d(width, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.time(t[:, None] / 1000.0)[:, :, None, None]
+        return self.out(self.drop(torch.nn.functional.silu(h)))
+
+
+def tiny_model(seed=0, dropout=0.1):
+    torch.manual_seed(seed)
+    return TinyEps(dropout)
+
+
+SCHED = linear_schedule()
+DATA = load_offline_images(size=8, n=24, seed=3)
+# small, fast settings; warm-up and EMA decay short enough that every piece of state matters
+FAST = dict(batch_size=4, lr=1e-2, warmup=3, ema_decay=0.5, grad_clip=0.5, progress=False)
+
+
+def assert_same_bits(a: nn.Module, b: nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """6 uninterrupted steps from tiny_model(0): the run every resumed run must reproduce bit for bit.
+
+    tiny_model(0) seeds the global RNG, so dropout draws the same masks in every run that starts there.
+    """
+    return train_image_model(tiny_model(0), DATA, SCHED, steps=6, **FAST)
+
+
+def test_shard_loss_is_simple_loss_on_the_whole_batch():
+    model, x0 = tiny_model(0, dropout=0.0), DATA[:5]
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(shard_loss(model, x0, SCHED, g1, 5, 0), simple_loss(model, x0, SCHED, g2))
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_resume_is_bitwise_exact(reference, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    first = train_image_model(tiny_model(0), DATA, SCHED, steps=3, checkpoint=ckpt, checkpoint_every=100, **FAST)
+    assert first.step == 3 and load_checkpoint(ckpt)["step"] == 3
+    torch.manual_seed(999)  # scramble the global RNG: the checkpoint must restore it
+    resumed = train_image_model(tiny_model(5), DATA, SCHED, steps=6, checkpoint=ckpt, **FAST)
+    assert resumed.step == 6
+    assert_same_bits(resumed.model, reference.model)
+    assert_same_bits(resumed.ema, reference.ema)
+    assert torch.equal(resumed.losses, reference.losses)
+    # the checkpoint is plain tensors and containers
+    state = torch.load(ckpt, weights_only=True)
+    assert state["format"] == CHECKPOINT_FORMAT and state["step"] == 6 and len(state["losses"]) == 6
+    # a finished run resumed to the same length does nothing
+    again = train_image_model(tiny_model(5), DATA, SCHED, steps=6, checkpoint=ckpt, **FAST)
+    assert again.step == 6 and torch.equal(again.losses, reference.losses)
+    assert_same_bits(again.ema, reference.ema)
+
+
+def test_ctrl_c_between_steps_saves_and_resumes(reference, tmp_path):
+    ckpt = tmp_path / "run.pt"
+
+    def interrupt(step, loss, model, ema):
+        if step == 3:  # after the 4th step; the last periodic checkpoint was at step 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_image_model(tiny_model(0), DATA, SCHED, steps=6, checkpoint=ckpt, checkpoint_every=2, callback=interrupt, **FAST)
+    assert load_checkpoint(ckpt)["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]  # no temporary files left
+    resumed = train_image_model(tiny_model(5), DATA, SCHED, steps=6, checkpoint=ckpt, **FAST)
+    assert_same_bits(resumed.model, reference.model)
+    assert_same_bits(resumed.ema, reference.ema)
+
+
+def test_ctrl_c_inside_a_step_keeps_the_last_checkpoint(reference, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    model = tiny_model(0)
+    calls = {"n": 0}
+    forward = model.forward
+
+    def forward_then_interrupt(x, t):
+        calls["n"] += 1
+        if calls["n"] == 4:  # in the middle of the 4th step: its state is half updated, not saved
+            raise KeyboardInterrupt
+        return forward(x, t)
+
+    model.forward = forward_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        train_image_model(model, DATA, SCHED, steps=6, checkpoint=ckpt, checkpoint_every=2, **FAST)
+    assert load_checkpoint(ckpt)["step"] == 2
+    resumed = train_image_model(tiny_model(5), DATA, SCHED, steps=6, checkpoint=ckpt, **FAST)
+    assert_same_bits(resumed.model, reference.model)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"x": torch.arange(3)})
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"x": torch.arange(5)})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_corrupt_checkpoint_gives_clear_errors(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    train_image_model(tiny_model(0), DATA, SCHED, steps=1, checkpoint=ckpt, **FAST)
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="truncated or corrupt"):  # the trainer does not start from it
+        train_image_model(tiny_model(0), DATA, SCHED, steps=2, checkpoint=ckpt, **FAST)
+    ckpt.write_bytes(os.urandom(1000))
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_checkpoint(ckpt)
+    torch.save({"weights": torch.zeros(2)}, ckpt)
+    with pytest.raises(ValueError, match="not a ddim_edu.image_training"):
+        load_checkpoint(ckpt)
+    torch.save({"obj": nn.Linear(1, 1)}, ckpt)  # a pickled module: refused by weights_only
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_checkpoint(ckpt)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+    ckpt.write_bytes(good)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        train_image_model(TinyEps(width=4), DATA, SCHED, steps=2, checkpoint=ckpt, **FAST)
+    with pytest.raises(ValueError, match="other settings"):
+        train_image_model(tiny_model(0), DATA, SCHED, steps=2, checkpoint=ckpt, **{**FAST, "batch_size": 8})
+
+
+def test_sample_grids_are_written(tmp_path):
+    out = tmp_path / "samples"
+    uint8_data = ((DATA + 1) * 127.5).round().to(torch.uint8)  # pixels are accepted as well
+    train_image_model(tiny_model(0), uint8_data, SCHED, steps=3, sample_dir=out, sample_every=2, n_samples=5,
+                      sample_steps=3, **FAST)
+    assert sorted(p.name for p in out.iterdir()) == ["samples_0000002.png", "samples_0000003.png"]
+    img = matplotlib.image.imread(out / "samples_0000003.png")
+    assert img.shape[:2] == (3 * 2 + 2 * 8, 4 * 2 + 3 * 8)  # 5 images of 8×8 in 2 rows of 3, padding 2
+
+
+def test_make_grid_tiles_images():
+    images = torch.stack([torch.full((3, 2, 2), v) for v in (-1.0, 0.0, 1.0)])
+    grid = make_grid(images, nrow=2, padding=1, pad_value=7)
+    assert grid.shape == (7, 7, 3) and grid.dtype == np.uint8
+    assert (grid[1:3, 1:3] == 0).all() and (grid[1:3, 4:6] == 128).all() and (grid[4:6, 1:3] == 255).all()
+    assert (grid[0] == 7).all() and (grid[4:6, 4:6] == 7).all()  # padding and the empty cell
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="data must be images"):
+        train_image_model(tiny_model(0), DATA[:, 0], SCHED, steps=1, **FAST)
+    with pytest.raises(ValueError, match="steps must be an int"):
+        train_image_model(tiny_model(0), DATA, SCHED, steps=0, **FAST)
+    with pytest.raises(ValueError, match="grad_clip"):
+        train_image_model(tiny_model(0), DATA, SCHED, steps=1, **{**FAST, "grad_clip": -1.0})
+
+
+# --- DDP: 2 processes with gloo on the CPU -------------------------------------------------------------
+
+DDP_STEPS = 4
+DDP_SETTINGS = dict(FAST, batch_size=6)
+
+
+def _ddp_worker(rank, world, port, folder):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = tiny_model(rank, dropout=0.0)  # different on each rank: DDP must broadcast rank 0's weights
+        result = train_image_model(model, DATA, SCHED, steps=DDP_STEPS, checkpoint=os.path.join(folder, "ddp.pt"),
+                                   sample_dir=os.path.join(folder, f"samples{rank}"), sample_every=100, n_samples=2,
+                                   sample_steps=2, **DDP_SETTINGS)
+        torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(), "losses": result.losses},
+                   os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for part in ("model", "ema"):  # the replicas stay identical
+        for k in r0[part]:
+            assert torch.equal(r0[part][k], r1[part][k]), (part, k)
+    # only rank 0 wrote files
+    assert (tmp_path / "samples0").is_dir() and not (tmp_path / "samples1").exists()
+    assert load_checkpoint(tmp_path / "ddp.pt")["step"] == DDP_STEPS
+
+    single = train_image_model(tiny_model(0, dropout=0.0), DATA, SCHED, steps=DDP_STEPS, **DDP_SETTINGS)
+    for part, module in (("model", single.model), ("ema", single.ema)):
+        for k, v in module.state_dict().items():
+            torch.testing.assert_close(r0[part][k], v, rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
+    torch.testing.assert_close(r0["losses"], single.losses, rtol=1e-5, atol=1e-6)
