@@ -48,6 +48,7 @@ diffusers: ``pip install safetensors``), ``huggingface_hub`` only for ``download
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -312,17 +313,18 @@ def read_state_dict(path: str | Path):
     path = Path(path)
     if path.suffix == ".safetensors":
         try:
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
         except ImportError:
             raise ImportError("reading .safetensors files needs the safetensors package: pip install safetensors") from None
         try:
             return load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own SafetensorError for a bad header or a short file
+        except (SafetensorError, OSError) as e:  # SafetensorError: a bad header or a short file
             raise CheckpointError(f"{path} is not a readable safetensors file, it may be truncated or corrupt "
                                   f"(download it again): {type(e).__name__}: {e}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} could not be read with torch.load(weights_only=True): it is corrupt, "
                               f"truncated, or pickles objects other than tensors and containers "
                               f"({type(e).__name__}: {e})") from None

@@ -181,6 +181,10 @@ def test_reference_layout_round_trip(tmp_path):
     x, t = inputs(SMALL, batch=2, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(back(x, t), ours(x, t), rtol=0, atol=0)
+    # ddim's training checkpoint ckpt.pth, [model, optimizer, epoch, step, ema]: pick the EMA yourself
+    torch.save([ref, {}, 1, 2, ref], tmp_path / "ckpt.pth")
+    ema = unet_from_state_dict(torch.load(tmp_path / "ckpt.pth", weights_only=True)[-1], SMALL)
+    assert torch.equal(ema.mid.attn_1.q.weight, ours.mid.attn_1.q.weight)
     # our own layout reads the same way, from a safetensors file
     safetensors_torch.save_file(ours.state_dict(), str(tmp_path / "ours.safetensors"))
     assert torch.equal(load_unet(tmp_path / "ours.safetensors", config=SMALL).conv_out.weight, ours.conv_out.weight)
