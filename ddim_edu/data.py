@@ -16,6 +16,7 @@ from __future__ import annotations
 import numbers
 import os
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -128,31 +129,28 @@ def _checked_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> PurePosixP
 
 
 def _read_archive(archive: Path, names: tuple[str, ...], records_per_file: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Read the wanted ``.bin`` members of the archive into memory (nothing is written to disk)."""
+    """Read the wanted ``.bin`` members of the archive into memory, in one pass (nothing is written to disk)."""
     try:
         tar = tarfile.open(archive, "r:*")
     except (tarfile.TarError, OSError) as err:
         raise ValueError(f"{archive} is not a readable tar archive ({err}); expected {CIFAR10_URL}") from err
+    wanted = {f"{CIFAR10_FOLDER}/{name}": name for name in names}
+    raw: dict[str, bytes] = {}
     with tar:
         try:
-            members = {m.name[2:] if m.name.startswith("./") else m.name: m for m in tar.getmembers()}
-        except (tarfile.TarError, EOFError, OSError) as err:
+            for member in tar:
+                key = member.name[2:] if member.name.startswith("./") else member.name
+                if key.startswith("cifar-10-batches-py/"):
+                    raise _pickle_version(str(archive))
+                if key in wanted:
+                    _checked_member(tar, member)
+                    raw[wanted[key]] = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
             raise ValueError(f"{archive} is a truncated or corrupt archive ({err}); download it again from {CIFAR10_URL}") from err
-        if any(n.startswith("cifar-10-batches-py/") for n in members):
-            raise _pickle_version(str(archive))
-        out = []
-        for name in names:
-            key = f"{CIFAR10_FOLDER}/{name}"
-            if key not in members:
-                raise ValueError(f"{archive} has no member {key!r}: not the CIFAR-10 binary archive ({CIFAR10_URL})")
-            member = members[key]
-            _checked_member(tar, member)
-            try:
-                raw = tar.extractfile(member).read()
-            except (tarfile.TarError, EOFError, OSError) as err:
-                raise ValueError(f"{archive}: cannot read {key} ({err}); the archive is truncated or corrupt") from err
-            out.append(_parse_records(raw, f"{archive}:{key}", records_per_file))
-    return out
+    missing = [f"{CIFAR10_FOLDER}/{name}" for name in names if name not in raw]
+    if missing:
+        raise ValueError(f"{archive} has no member {missing[0]!r}: not the complete CIFAR-10 binary archive ({CIFAR10_URL})")
+    return [_parse_records(raw[name], f"{archive}:{CIFAR10_FOLDER}/{name}", records_per_file) for name in names]
 
 
 def load_cifar10(path=None, split: str = "train", *, records_per_file: int | None = 10000) -> tuple[Tensor, Tensor]:
@@ -205,7 +203,7 @@ def extract_cifar10(archive, dest) -> Path:
     with tar:
         try:
             members = tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as err:
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
             raise ValueError(f"{archive} is a truncated or corrupt archive ({err})") from err
         names = [_checked_member(tar, m) for m in members if not m.isdir()]  # check every member first
         if any(n.parts[0] == "cifar-10-batches-py" for n in names):
