@@ -206,6 +206,26 @@ def _broadcast_(tensor: Tensor, device: torch.device) -> Tensor:
     return buf.cpu()
 
 
+def _sync_ranks(step: int, generator: torch.Generator, device: torch.device, checkpoint) -> None:
+    """Check that every rank starts at rank 0's step, then give all ranks rank 0's random states.
+
+    The same collectives run on every rank, resumed or not. DDP broadcasts the weights itself;
+    the generators must agree too, so that all ranks draw the same global batch (data generator)
+    and stay in step when the model draws random numbers (torch's CPU and CUDA generators).
+    """
+    bounds = torch.tensor([step, -step], dtype=torch.int64)
+    bounds = bounds.to(device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)  # (largest step, -smallest step) over the ranks
+    if int(bounds[0]) != -int(bounds[1]):
+        raise ValueError(f"the ranks start at different steps ({-int(bounds[1])} to {int(bounds[0])}; this is rank "
+                         f"{dist.get_rank()} at step {step}): every rank must see the same checkpoint {checkpoint} "
+                         "(put it on a shared file system)")
+    generator.set_state(_broadcast_(generator.get_state(), device))
+    torch.set_rng_state(_broadcast_(torch.get_rng_state(), device))
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(_broadcast_(torch.cuda.get_rng_state(device), device), device)
+
+
 def _global_mean(loss: Tensor, world: int) -> Tensor:
     if world == 1:
         return loss.detach()
@@ -330,10 +350,8 @@ def train_image_model(
         scheduler.load_state_dict(resume["scheduler"])
         _set_rng_state(resume["rng"], generator)
         step, losses_before = int(resume["step"]), resume["losses"].to(torch.float64)
-    elif world > 1:  # every rank continues from rank 0's random state (DDP broadcasts the weights itself)
-        torch.set_rng_state(_broadcast_(torch.get_rng_state(), device))
-        if on_cuda:
-            torch.cuda.set_rng_state(_broadcast_(torch.cuda.get_rng_state(device), device), device)
+    if world > 1:
+        _sync_ranks(step, generator, device, checkpoint)
     start_step = step
 
     forward: nn.Module = model
@@ -418,6 +436,8 @@ def train_image_model(
     finally:
         bar.close()
     seconds = time.perf_counter() - start
+    if world > 1:
+        dist.barrier()  # rank 0's files are complete when any rank returns
 
     ema = averaged.module
     ema.eval()

@@ -209,8 +209,11 @@ def _ddp_worker(rank, world, port, folder):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model = tiny_model(rank, dropout=0.0)  # different on each rank: DDP must broadcast rank 0's weights
-        result = train_image_model(model, DATA, SCHED, steps=DDP_STEPS, checkpoint=os.path.join(folder, "ddp.pt"),
+        # the weights differ on each rank: DDP must broadcast rank 0's
+        ckpt = os.path.join(folder, "ddp.pt")
+        train_image_model(tiny_model(rank, dropout=0.0), DATA, SCHED, steps=DDP_STEPS // 2, checkpoint=ckpt, **DDP_SETTINGS)
+        # then resume (from new weights) to the end
+        result = train_image_model(tiny_model(rank + 10, dropout=0.0), DATA, SCHED, steps=DDP_STEPS, checkpoint=ckpt,
                                    sample_dir=os.path.join(folder, f"samples{rank}"), sample_every=100, n_samples=2,
                                    sample_steps=2, **DDP_SETTINGS)
         torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(), "losses": result.losses},
@@ -226,6 +229,7 @@ def _free_port():
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
+    """Two gloo processes, with a checkpoint and resume half-way, against one process on the global batch."""
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for part in ("model", "ema"):  # the replicas stay identical
