@@ -265,7 +265,7 @@ def train_image_model(
     sample_steps: int = 50,
     bf16: bool = True,
     channels_last: bool = True,
-    compile: bool = False,
+    compile: bool | dict = False,
     progress: bool = True,
     callback: Callable[[int, Tensor, nn.Module, nn.Module], None] | None = None,
 ) -> ImageTrainResult:
@@ -289,7 +289,9 @@ def train_image_model(
     ``samples_<step>.png`` (its own generator: sampling does not change the training run).
 
     On CUDA, ``bf16`` runs forward and loss under bfloat16 autocast and ``channels_last`` stores
-    activations NHWC; on a CPU both are ignored. ``compile`` wraps the forward in ``torch.compile``.
+    activations NHWC; on a CPU both are ignored. ``compile`` wraps the forward in ``torch.compile``
+    (a dict is passed to it as keyword arguments, e.g. ``{"mode": "max-autotune"}``); checkpoints
+    hold the bare model's weights either way.
     ``callback(step, loss, model, ema)`` runs after every step (0-based ``step``, global-batch loss).
     With dropout, DDP ranks start from rank 0's random state, so their masks repeat across ranks; the
     one-process equality holds for models without randomness in ``forward``.
@@ -358,7 +360,7 @@ def train_image_model(
     if world > 1:
         forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
     if compile:
-        forward = torch.compile(forward)
+        forward = torch.compile(forward, **(compile if isinstance(compile, dict) else {}))
     share = batch_size // world
     lo = rank * share
 

@@ -90,6 +90,15 @@ def test_resume_is_bitwise_exact(reference, tmp_path):
     assert_same_bits(again.ema, reference.ema)
 
 
+def test_compiled_forward_resumes_into_the_same_run(reference, tmp_path):
+    """torch.compile (the cheap "eager" backend, to test the wiring) changes neither the run nor the checkpoint keys."""
+    ckpt = tmp_path / "run.pt"
+    train_image_model(tiny_model(0), DATA, SCHED, steps=3, checkpoint=ckpt, compile={"backend": "eager"}, **FAST)
+    assert not any("_orig_mod" in k for k in load_checkpoint(ckpt)["model"])
+    resumed = train_image_model(tiny_model(5), DATA, SCHED, steps=6, checkpoint=ckpt, **FAST)
+    torch.testing.assert_close(resumed.model.state_dict(), reference.model.state_dict(), rtol=1e-6, atol=1e-7)
+
+
 def test_ctrl_c_between_steps_saves_and_resumes(reference, tmp_path):
     ckpt = tmp_path / "run.pt"
 
