@@ -139,7 +139,7 @@ def _read_archive(archive: Path, names: tuple[str, ...], records_per_file: int |
     with tar:
         try:
             for member in tar:
-                key = member.name[2:] if member.name.startswith("./") else member.name
+                key = member.name.removeprefix("./")
                 if key.startswith("cifar-10-batches-py/"):
                     raise _pickle_version(str(archive))
                 if key in wanted:

@@ -27,9 +27,9 @@ import numbers
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -384,7 +384,10 @@ def train_image_model(
         save_image_grid(x0, Path(sample_dir) / f"samples_{step:07d}.png")
 
     losses = torch.zeros(max(0, steps - start_step), dtype=torch.float64, device=device)
-    all_losses = lambda: torch.cat([losses_before, losses[:step - start_step].cpu()])  # noqa: E731
+
+    def all_losses() -> Tensor:
+        return torch.cat([losses_before, losses[:step - start_step].cpu()])
+
     between_steps = True  # False while a step is half done: its state must not be saved
     saved_step = step
     bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc="training", leave=False)

@@ -104,7 +104,7 @@ def test_archive_reads_back_exactly_without_extracting(cifar_dir, tmp_path):
 def test_environment_variable(cifar_dir, monkeypatch):
     folder, expected = cifar_dir
     monkeypatch.setenv(CIFAR10_ENV, str(folder))
-    images, labels = load_cifar10(split="test", records_per_file=None)
+    images, _ = load_cifar10(split="test", records_per_file=None)
     assert np.array_equal(images.numpy(), expected["test_batch.bin"][0])
 
 
@@ -178,7 +178,7 @@ def test_extract_round_trip_and_refuses_path_traversal(cifar_dir, tmp_path):
     out = extract_cifar10(archive, tmp_path / "out")
     assert out == tmp_path / "out" / "cifar-10-batches-bin"
     assert sorted(p.name for p in out.iterdir()) == sorted([*COUNTS, "batches.meta.txt"])
-    images, labels = load_cifar10(out, records_per_file=None)
+    images, _ = load_cifar10(out, records_per_file=None)
     assert np.array_equal(images.numpy(), expected_split(expected, "train")[0])
 
     for bad in ("../evil.bin", "/tmp/evil.bin", "cifar-10-batches-bin/../../evil.bin"):

@@ -45,7 +45,7 @@ def tiny_model(seed=0, dropout=0.1):
 SCHED = linear_schedule()
 DATA = load_offline_images(size=8, n=24, seed=3)
 # small, fast settings; warm-up and EMA decay short enough that every piece of state matters
-FAST = dict(batch_size=4, lr=1e-2, warmup=3, ema_decay=0.5, grad_clip=0.5, progress=False)
+FAST = {"batch_size": 4, "lr": 1e-2, "warmup": 3, "ema_decay": 0.5, "grad_clip": 0.5, "progress": False}
 
 
 def assert_same_bits(a: nn.Module, b: nn.Module):
@@ -209,7 +209,7 @@ def test_invalid_arguments():
 # --- DDP: 2 processes with gloo on the CPU -------------------------------------------------------------
 
 DDP_STEPS = 4
-DDP_SETTINGS = dict(FAST, batch_size=6)
+DDP_SETTINGS = {**FAST, "batch_size": 6}
 
 
 def _ddp_worker(rank, world, port, folder):
