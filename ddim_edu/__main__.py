@@ -1,0 +1,4 @@
+"""``python -m ddim_edu``: the command line of :mod:`ddim_edu.cli` (``sample``, ``fid``)."""
+from .cli import main
+
+raise SystemExit(main())
