@@ -142,7 +142,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes of any dtype (bfloat16 too)
     return digest.hexdigest()
 
 
@@ -258,7 +258,7 @@ def shard_path(out, batch: int) -> Path:
     return Path(out) / "shards" / f"batch_{batch:05d}.npz"
 
 
-def _check_positive_int(name: str, value, minimum: int = 1) -> None:
+def _check_int(name: str, value, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
@@ -341,7 +341,7 @@ def generate(
     check_method(method, eta)
     for name, value, minimum in (("steps", steps, 1), ("num_images", num_images, 1), ("batch_size", batch_size, 1),
                                  ("seed", seed, 0), ("grid", grid, 0)):
-        _check_positive_int(name, value, minimum)
+        _check_int(name, value, minimum)
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     if t_min is not None and spacing not in FRACTIONAL_SPACINGS:
