@@ -28,8 +28,9 @@ help:
 demo: $(VENV)/.installed-base
 	$(VENV_PY) -m ddim_edu.demo $(ARGS)
 
+# DDIM_EDU_FAST=1: the notebooks run with small sizes (their checked outputs are the same).
 test: $(VENV)/.installed-dev
-	$(VENV_PY) -m pytest $(ARGS)
+	DDIM_EDU_FAST=1 $(VENV_PY) -m pytest $(ARGS)
 
 venv: $(VENV)/.created
 
