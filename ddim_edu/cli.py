@@ -33,14 +33,12 @@ argument (:class:`Features`), so the glue is tested with any stand-in.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
 import os
 import pickle
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -52,6 +50,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data import CIFAR10_URL, float_to_pixels, load_cifar10
+from .files import atomic_write
 from .pretrained import config_from_diffusers, load_unet, unet_from_state_dict
 from .schedules import SPACINGS, linear_schedule
 from .solvers import ADAPTIVE, METHODS, SAMPLERS, noise_levels, sample
@@ -174,34 +173,10 @@ def step_generator(seed: int, batch: int, device) -> torch.Generator:
 # --- files ----------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_file(path: Path):
-    """Yield a temporary file object in ``path``'s folder; on success it is fsync'ed and renamed to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_npz_atomic(path, **arrays: np.ndarray) -> Path:
     """``np.savez`` (uncompressed) to ``path`` atomically: a crash or Ctrl-C never leaves a torn file."""
     path = Path(path)
-    with _atomic_file(path) as f:
+    with atomic_write(path) as f:
         np.savez(f, **arrays)
     return path
 
@@ -209,7 +184,7 @@ def save_npz_atomic(path, **arrays: np.ndarray) -> Path:
 def _save_json_atomic(path: Path, obj: dict) -> None:
     """A JSON object with one key per line (long lists such as the timesteps stay on their line)."""
     text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items()) + "\n}\n"
-    with _atomic_file(path) as f:
+    with atomic_write(path) as f:
         f.write(text.encode())
 
 
@@ -246,7 +221,7 @@ def save_grid(images: np.ndarray, path, n: int = 64, padding: int = 2) -> Path:
         top, left = padding + r * (H + padding), padding + c * (W + padding)
         grid[top:top + H, left:left + W] = image
     path = Path(path)
-    with _atomic_file(path) as f:
+    with atomic_write(path) as f:
         matplotlib.image.imsave(f, grid[..., 0] if C == 1 else grid, cmap="gray", vmin=0, vmax=255, format="png")
     return path
 

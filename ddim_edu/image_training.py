@@ -21,11 +21,8 @@ horizontal flips, batch 128. :func:`train_image_model` does this for any ``nn.Mo
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +36,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .data import float_to_pixels, pixels_to_float
+from .files import atomic_write
 from .forward import q_sample
 from .schedules import Schedule
 from .solvers import sample
@@ -127,28 +125,11 @@ def save_image_grid(images: Tensor, path, nrow: int | None = None, padding: int 
 
 
 def save_checkpoint(path, checkpoint: dict) -> Path:
-    """``torch.save`` to ``path`` atomically: a temporary file in the same folder, flushed and
-    fsync'ed, then renamed over ``path`` with ``os.replace``. If anything fails (or Ctrl-C arrives)
-    before the rename, the previous file at ``path`` is untouched and the temporary file removed."""
+    """``torch.save`` to ``path`` atomically (:func:`ddim_edu.files.atomic_write`): if anything fails
+    (or Ctrl-C arrives) before the rename, the previous file at ``path`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; not possible on Windows)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with atomic_write(path) as f:
+        torch.save(checkpoint, f)
     return path
 
 
