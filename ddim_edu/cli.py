@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .checks import check_int
 from .data import CIFAR10_URL, float_to_pixels, load_cifar10
 from .files import atomic_write
 from .pretrained import config_from_diffusers, load_unet, unet_from_state_dict
@@ -233,11 +234,6 @@ def shard_path(out, batch: int) -> Path:
     return Path(out) / "shards" / f"batch_{batch:05d}.npz"
 
 
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def sample_manifest(model: UNet, *, method: str, steps: int, eta: float, spacing: str, t_min: float | None,
                     num_images: int, batch_size: int, seed: int, timesteps: Tensor, source: str, device) -> dict:
     """What defines a run's images (compared on resume), plus a few informational entries (``_INFO_KEYS``)."""
@@ -316,7 +312,7 @@ def generate(
     check_method(method, eta)
     for name, value, minimum in (("steps", steps, 1), ("num_images", num_images, 1), ("batch_size", batch_size, 1),
                                  ("seed", seed, 0), ("grid", grid, 0)):
-        _check_int(name, value, minimum)
+        check_int(name, value, minimum)
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     if t_min is not None and spacing not in FRACTIONAL_SPACINGS:
@@ -551,7 +547,9 @@ def inception_features(weights=None, device=None) -> Features:
     :func:`default_inception_weights`); otherwise :class:`FIDBackendMissing` says what to fetch and where.
     """
     try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import (
+            FeatureExtractorInceptionV3,
+        )
     except (ImportError, RuntimeError, OSError) as e:  # RuntimeError: a torchvision build that does not fit torch
         raise FIDBackendMissing(f"the FID features need torch-fidelity, which cannot be imported here "
                                 f"({type(e).__name__}: {e}). {INSTALL_HINT}") from None

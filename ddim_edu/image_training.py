@@ -22,7 +22,6 @@ horizontal flips, batch 128. :func:`train_image_model` does this for any ``nn.Mo
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from .checks import check_int
 from .data import float_to_pixels, pixels_to_float
 from .files import atomic_write
 from .forward import q_sample
@@ -218,11 +218,6 @@ def _global_mean(loss: Tensor, world: int) -> Tensor:
 # --- the trainer -------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def train_image_model(
     model: nn.Module,
     data: Tensor,
@@ -285,7 +280,7 @@ def train_image_model(
     for name, value, minimum in (("steps", steps, 1), ("batch_size", batch_size, 1), ("warmup", warmup, 0),
                                  ("checkpoint_every", checkpoint_every, 1), ("sample_every", sample_every, 1),
                                  ("n_samples", n_samples, 1), ("sample_steps", sample_steps, 1)):
-        _check_int(name, value, minimum)
+        check_int(name, value, minimum)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     if not weight_decay >= 0:

@@ -8,7 +8,6 @@ minimises every L_γ). Randomness (minibatches, timesteps, noise) comes from one
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from .checks import check_int
 from .forward import q_sample
 from .schedules import Schedule
 
@@ -57,11 +57,6 @@ def simple_loss(model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedule:
     x_t = q_sample(x0, schedule.alphas_cumprod[t], eps)  # Eq 4
     pred = model(x_t, t.to(device=x0.device, dtype=x0.dtype))
     return (pred - eps).pow(2).flatten(1).sum(1).mean()
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def warmup_cosine(step: int, steps: int, warmup: int, final_fraction: float) -> float:
@@ -109,10 +104,9 @@ def train_eps_model(
     if not isinstance(data, Tensor) or data.ndim < 2 or data.shape[0] < 1 or not data.is_floating_point():
         shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
         raise ValueError(f"data must be a floating tensor [N, ...] of training points with N >= 1, got {shape}")
-    _check_positive_int("steps", steps)
-    _check_positive_int("batch_size", batch_size)
-    if not isinstance(warmup, numbers.Integral) or isinstance(warmup, bool) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0 (number of warm-up steps), got {warmup!r}")
+    check_int("steps", steps)
+    check_int("batch_size", batch_size)
+    check_int("warmup", warmup, minimum=0)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     if not 0 <= final_lr_fraction <= 1:
