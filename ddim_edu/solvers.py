@@ -5,7 +5,8 @@ any η, ``"sigma_hat"``) walk the discrete τ. The ODE methods integrate Eq 14,
 ``dx̄/dσ = ε_θ(x̄/sqrt(σ²+1), t(σ))`` (:mod:`ddim_edu.ode`), over the noise levels
 σ(τ_S) > … > σ(τ_1) > 0; ``timesteps`` may then be fractional. Every method starts at τ_S,
 where ``x_T`` is fed in, and returns x_0: the last step goes from σ(τ_1) to σ = 0 (ᾱ = 1), where
-the model cannot be evaluated, so every method takes it as an Euler step (= DDIM's last step).
+the model cannot be evaluated, so every method takes it as an Euler step (= DDIM's last step), or,
+with ``final_step="extrapolate"``, extrapolates the last two x_0 predictions to σ = 0 in σ².
 
 ``METHODS`` maps each ODE method's name to its step function and order. A step function has the
 signature ``step(eps, x, s, s_next, history) -> x_next``: ``eps(x, σ)`` evaluates ε_θ on the
@@ -146,14 +147,17 @@ def dpmpp_3m_step(eps, x, s, s_next, history):
 
 
 def unipc_step(eps, x, s, s_next, history):
-    """UniPC (Zhao et al. 2023) on the x_0 prediction D = x̄ - σ ε: a predictor and a free corrector.
+    """UniPC (Zhao et al. 2023) with B(h) = e^h - 1 ("bh2"), on the x_0 prediction D = x̄ - σ ε.
 
-    Like :func:`dpmpp_3m_step` it integrates dx̄/dλ = D - x̄ exactly for a polynomial D(λ), but
-    the model is evaluated at the *end* of each step: the predictor extrapolates D linearly from
-    (D_{i-1}, D_i) to reach x̄'; then D' = D(x̄', σ') fits a quadratic through (D_{i-1}, D_i, D')
-    and the corrector recomputes x̄' with it. D' is reused by the next step, so the corrector costs
-    no evaluation: order 3 for one evaluation per step. The exact exponential-integrator weights
-    replace the paper's B(h) approximation. The last step, to σ' = 0, returns D_i.
+    Like :func:`dpmpp_3m_step` it integrates dx̄/dλ = D - x̄, x̄' = e^{-h} x̄ + (1 - e^{-h}) D_i + (the
+    integral of D's change), but evaluates the model at the *end* of each step. The predictor
+    (UniP-2) takes D's slope from (D_{i-1}, D_i) with weight B(h)/2 = (1 - e^{-h})/2 in λ units,
+    which equals the exact weight φ₂ to O(h²). Then D' = D(x̄', σ') fits a quadratic through
+    (D_{i-1}, D_i, D') and the corrector (UniC) recomputes x̄' with it integrated exactly (the
+    solution of UniC's linear system, whatever B(h)). D' is reused by the next step, so the
+    corrector costs no evaluation: order 3 for one evaluation per step. On the first step the
+    predictor is DDIM and the corrector weights D' - D_i by B(h)/2 (UniC-1). The last step, to
+    σ' = 0, returns D_i. This is diffusers' ``UniPCMultistepScheduler`` at its defaults.
     """
     d = x - s * eps(x, s) if not history else history[-1][1]  # D at x̄, evaluated by the previous step
     if not history:
@@ -162,17 +166,18 @@ def unipc_step(eps, x, s, s_next, history):
         return d
     h = math.log(s / s_next)
     phi_2 = math.expm1(-h) / h + 1
+    b_half = -math.expm1(-h) / 2  # B(h)/2 in the units of dx̄/dλ = D - x̄
     base = (s_next / s) * x + (1 - s_next / s) * d
     prev = history[-2] if len(history) >= 2 else None
     if prev is not None:
         r0 = math.log(prev[0] / s) / h  # the previous point sits at u = -r0 in units of h
-        x_pred = base + phi_2 * (d - prev[1]) / r0
+        x_pred = base + b_half * (d - prev[1]) / r0
     else:
         x_pred = base
     d_next = x_pred - s_next * eps(x_pred, s_next)
     history.append((s_next, d_next))
-    if prev is None:  # D linear through (D_i, D'): trapezoid-like corrector
-        return base + phi_2 * (d_next - d)
+    if prev is None:
+        return base + b_half * (d_next - d)
     # D(u) = D_i + a u + b u² through u = -r0, 0, 1, integrated exactly (see dpmpp_3m_step).
     b = ((prev[1] - d) + r0 * (d_next - d)) / (r0 * (1 + r0))
     a = d_next - d - b
@@ -210,22 +215,53 @@ ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchd
 # --- integration ----------------------------------------------------------------------------------
 
 
+FINAL_STEPS = ("euler", "extrapolate")  # how the last step, σ(τ_1) → 0, is taken
+
+
+def extrapolated_x0(d_1: Tensor, d_2: Tensor, s_1: float, s_2: float) -> Tensor:
+    """x_0 from the x_0 predictions D_1 at σ_1 and D_2 at σ_2 > σ_1, extrapolated to σ = 0 in σ².
+
+    Eq 14's field is odd in σ (ε = -σ ∇log p_σ, and p_σ depends on σ² only), so for data with a
+    smooth density the solution x̄(σ) is even and so is D = x̄ - σ ε: D(σ) = x_0 + c σ² + O(σ⁴).
+    The Euler (= DDIM) last step returns D_1, an error c σ_1²; the line through (σ_1², D_1) and
+    (σ_2², D_2) cancels c, leaving O(σ_1² σ_2²), at no extra evaluation.
+    """
+    return d_1 + s_1**2 * (d_1 - d_2) / (s_2**2 - s_1**2)
+
+
 def integrate(model: Model, x_bar: Tensor, schedule: Schedule, sigmas, method: str = "euler", *,
-              progress: bool = False) -> Tensor:
+              final_step: str = "euler", progress: bool = False) -> Tensor:
     """Integrate Eq 14 in the scaled state x̄ along the noise levels ``sigmas`` (any direction).
 
     ``sigmas`` [N] is strictly monotone; the model is evaluated at every σ > 0 a method asks for
     (σ must not fall below σ(0), the schedule's smallest level, except as a final target 0).
+    A descent that ends at σ = 0 ends with the Euler step (``final_step="euler"``), or with
+    :func:`extrapolated_x0` from the last two levels (``"extrapolate"``, needs N ≥ 3).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if final_step not in FINAL_STEPS:
+        raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).tolist()
+    extrapolate = final_step == "extrapolate"
+    if extrapolate and (len(sigmas) < 3 or sigmas[-1] != 0 or sigmas[-2] > sigmas[-3]):
+        raise ValueError("final_step='extrapolate' needs a descent to σ = 0 from at least two noise levels "
+                         "(at least 2 timesteps); use final_step='euler'")
     step = METHODS[method].step
-    eps = lambda x, s: eps_at_sigma(model, schedule, x, s)  # noqa: E731
+    at_s_2 = {}  # the last evaluation at σ_2, the level before σ_1
+
+    def eps(x, s):
+        e = eps_at_sigma(model, schedule, x, s)
+        if extrapolate and s == sigmas[-3]:
+            at_s_2["D"] = x - s * e
+        return e
+
     history: list = []
     pairs = list(zip(sigmas[:-1], sigmas[1:]))
     for s, s_next in tqdm(pairs, desc=method, leave=False) if progress else pairs:
         x_bar = step(eps, x_bar, s, s_next, history)
+    if extrapolate:  # every method's last step returned D_1, the x_0 prediction at σ_1
+        x_bar = extrapolated_x0(x_bar, at_s_2["D"], sigmas[-2], sigmas[-3])
     return x_bar
 
 
@@ -276,7 +312,8 @@ def sample(
     ``method`` is an Eq 12 sampler (``"ddim"``, ``"sigma_hat"``), an ODE method of ``METHODS``,
     or one of torchdiffeq's adaptive solvers (``ADAPTIVE``, using ``rtol``/``atol`` and only τ_S
     and τ_1 from ``timesteps``). ``eta`` is DDIM's η (Eq 16; only for ``"ddim"``). ``options``
-    go to the method (``clip_x0`` for the Eq 12 samplers, ``progress``). With
+    go to the method (``clip_x0`` for the Eq 12 samplers, ``final_step`` for the ODE methods, see
+    :func:`integrate`; ``progress``). With
     ``return_trajectory=True`` (Eq 12 samplers) the result is the stack [S+1, B, …] of
     x_{τ_S} = x_T, …, x_0.
     """

@@ -17,6 +17,7 @@ ours                    diffusers                                        agreeme
                         stage), see ``test_dpm_solver_3_...``
 ``rk4``                 none                                             —
 ``dpmpp_2m``            ``DPMSolverMultistepScheduler``                  in test_compare_diffusers.py
+``unipc``               ``UniPCMultistepScheduler`` (its defaults)       to rounding
 ======================  ===============================================  =============================
 
 ``rk4`` has no counterpart: diffusers has no classical Runge–Kutta scheduler. PNDM's pseudo
@@ -315,3 +316,30 @@ def test_dpm_solver_3_differs_from_singlestep_order_3_only_in_the_second_stage(s
     torch.testing.assert_close(variant, theirs, **ROUNDING)
     ours = sample(model, x, sched, tau, method="dpm_solver_3")
     assert (ours - theirs).abs().max() > 1e-5
+
+
+# --- UniPC ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("S,spacing", [(5, "trailing"), (20, "trailing"), (10, "logsnr")])
+def test_unipc_matches_diffusers(setup, S, spacing):
+    """Our UniPC vs UniPCMultistepScheduler at its defaults (bh2, order 2 with the corrector, x_0 prediction).
+
+    It steps x itself, evaluating the model at the level where the previous step landed. Its
+    ``timesteps`` only index the steps here: the noise levels are ours, set in float64, and the
+    model is evaluated at t(σ), so fractional grids are compared too.
+    """
+    sched, model, x = setup
+    tau, sig = grid(sched, S, spacing)
+    ref = diffusers.UniPCMultistepScheduler(num_train_timesteps=sched.T, beta_schedule="linear")
+    assert (ref.config.solver_type, ref.config.solver_order, ref.config.predict_x0) == ("bh2", 2, True)
+    ref.alphas_cumprod = sched.alphas_cumprod.clone()
+    ref.set_timesteps(S)  # resets the multistep state; then our levels replace its own
+    ref.timesteps = tau.long().flip(0) if spacing == "trailing" else torch.arange(S - 1, -1, -1)
+    ref.sigmas = torch.cat([sig, ZERO])
+    theirs, _, calls = run(ref, model, sched, x, sigma_at_step)
+    assert len(calls) == S
+    if spacing == "trailing":
+        assert all(abs(a - b) < 1e-9 for a, b in calls)  # the same t for the model
+    ours = sample(model, x, sched, tau, method="unipc")
+    torch.testing.assert_close(ours, theirs, **ROUNDING)

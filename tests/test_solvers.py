@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ddim_edu.interpolation import slerp
+from ddim_edu.mixture import GaussianMixture
 from ddim_edu.solvers import ADAPTIVE, METHODS, encode, integrate, sample, solve_adaptive
 
 
@@ -62,6 +63,27 @@ def test_measured_convergence_order(sched, ring, reference, method):
         errors.append((integrate(model, x_bar, sched, sigmas, method) - ref).pow(2).mean().sqrt().item())
     slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
     assert abs(slope - METHODS[method].order) < 0.3, (method, slope, errors)
+
+
+def test_extrapolated_final_step_is_fourth_order_in_sigma(sched):
+    """On Gaussian data x̄(σ) = μ + (x_0 - μ) sqrt(s² + σ²)/s along Eq 14, and D(σ) is even in σ.
+
+    From the exact state at σ_2, RK4 down to σ_1 = σ_2/2 (error O(σ_2⁵)) and on to 0: the Euler
+    last step leaves D(σ_1) - x_0 = O(σ_1²), the σ²-extrapolation O(σ_1² σ_2²). Measured slopes
+    in σ_2: 2 and 4.
+    """
+    mu, s = torch.tensor([0.3, -0.2], dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float64)
+    model = GaussianMixture(mu[None], s[None]).eps_model(sched)
+    x0 = mu + s * x_T(64)
+    levels = [0.32, 0.16, 0.08, 0.04]
+    errors = {"euler": [], "extrapolate": []}
+    for s_2 in levels:
+        x_bar = mu + (x0 - mu) * torch.sqrt(s**2 + s_2**2) / s
+        for final_step, errs in errors.items():
+            out = integrate(model, x_bar, sched, [s_2, s_2 / 2, 0.0], "rk4", final_step=final_step)
+            errs.append((out - x0).pow(2).mean().sqrt().item())
+    slopes = {k: np.polyfit(np.log(levels), np.log(v), 1)[0] for k, v in errors.items()}
+    assert abs(slopes["euler"] - 2) < 0.3 and abs(slopes["extrapolate"] - 4) < 0.3, (slopes, errors)
 
 
 def test_adaptive_solver_reaches_its_tolerance_and_counts_evaluations(sched, ring, reference):
@@ -177,3 +199,11 @@ def test_dpmpp_3m_is_exact_when_the_x0_prediction_is_quadratic_in_lambda():
     i0, i1, i2 = -math.expm1(-h), h + math.expm1(-h), h * h - 2 * h - 2 * math.expm1(-h)
     exact = math.exp(-h) * x + c(lam) * i0 + (c1 + 2 * c2 * lam) * i1 + c2 * i2
     torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
+
+
+def test_final_step_bad_input(sched, ring):
+    model = ring.eps_model(sched)
+    with pytest.raises(ValueError, match="final_step must be one of"):
+        sample(model, x_T(4), sched, sched.timesteps(5, "trailing"), "heun", final_step="midpoint")
+    with pytest.raises(ValueError, match="final_step='extrapolate' needs"):
+        sample(model, x_T(4), sched, torch.tensor([999.0]), "heun", final_step="extrapolate")
