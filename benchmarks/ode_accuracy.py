@@ -7,7 +7,7 @@ rtol = atol = 1e-10 in float64 from σ(999) to σ = 0, using the mixture's ε as
 (defined down to σ = 0, unlike the model contract). Metric: the RMSE of x_0 to the reference.
 
 Every method of ``METHODS`` and ``"ddim"`` runs on every grid at the largest S whose NFE is at
-most each target. diffusers' DDIM, DPM-Solver++ and UniPC schedulers run in their stock
+most each target; each ODE method runs again with ``final_step="extrapolate"`` (the row ``<method>+x0``). diffusers' DDIM, DPM-Solver++ and UniPC schedulers run in their stock
 configurations and, "given free choice of grid", on integer-rounded versions of the same grids.
 
     python benchmarks/ode_accuracy.py   # writes docs/ode_accuracy.{md,png}, benchmarks/results/ode_accuracy.csv
@@ -34,6 +34,8 @@ T_MINS = (0, 3, 10, 25)  # smallest timestep of the fractional grids
 FRACTIONAL = ("linear", "karras", "logsnr")
 GRIDS = ("uniform", "trailing", *(f"{s}@{t}" for s in FRACTIONAL for t in T_MINS))
 RTOL = ATOL = 1e-10  # the reference's tolerances
+EXTRAPOLATED = "+x0"  # suffix of a row whose last step is final_step="extrapolate"
+OURS = ("ddim", *METHODS, *(m + EXTRAPOLATED for m in METHODS))
 
 
 def problems() -> dict[str, tuple[str, GaussianMixture]]:
@@ -55,9 +57,16 @@ def grid(schedule, name: str, S: int):
     return schedule.timesteps(S, spacing, t_min=float(t_min)) if t_min else schedule.timesteps(S, spacing)
 
 
+def split(name: str) -> tuple[str, str]:
+    """A row of ours, ``"unipc+x0"`` say, as (method, final_step)."""
+    if name.endswith(EXTRAPOLATED):
+        return name[: -len(EXTRAPOLATED)], "extrapolate"
+    return name, "euler"
+
+
 def expected_nfe(method: str, S: int) -> int:
     """NFE on S timesteps: S for ``"ddim"``, ``Method.nfe(S)`` for an ODE method (the last step costs 1)."""
-    return S if method == "ddim" else METHODS[method].nfe(S)
+    return S if method == "ddim" else METHODS[split(method)[0]].nfe(S)
 
 
 def steps_for(method: str, target: int) -> int:
@@ -144,7 +153,9 @@ def extrapolated_last_step(mixture, schedule, states, x0_ref, t1=0, t2=3) -> flo
 def run_ours(model, x_T, schedule, method, grid_name, target):
     S = steps_for(method, target)
     counted = Counted(model)
-    x0 = sample(counted, x_T, schedule, grid(schedule, grid_name, S), method=method)
+    name, final_step = split(method)
+    options = {} if name == "ddim" else {"final_step": final_step}
+    x0 = sample(counted, x_T, schedule, grid(schedule, grid_name, S), method=name, **options)
     if counted.calls != expected_nfe(method, S):
         raise RuntimeError(f"{method} on {grid_name}, S={S}: {counted.calls} model calls, expected {expected_nfe(method, S)}")
     return x0, S, counted.calls
@@ -233,7 +244,7 @@ def run_problem(key, mixture, schedule, x_T, peers_available, int_grids):
     model = mixture.eps_model(schedule)
 
     start = time.perf_counter()
-    for method in ("ddim", *METHODS):
+    for method in OURS:
         for target in TARGETS:
             for g in GRIDS:
                 x0, S, nfe = run_ours(model, x_T, schedule, method, g, target)
@@ -271,9 +282,11 @@ def run_problem(key, mixture, schedule, x_T, peers_available, int_grids):
         top = min((best(rows, key, "grid", p, target) for p in PEERS), key=lambda r: r["rmse"])
         timesteps = (int_grids[top["grid"], target] if top["grid"] in GRIDS else
                      make_peer(top["method"], schedule, S=target, spacing=top["grid"]).timesteps.tolist())
-        for method in ("ddim", *METHODS):
+        for method in OURS:
             if expected_nfe(method, len(timesteps)) <= target:
-                x0 = sample(model, x_T, schedule, sorted(timesteps), method=method)
+                name, final_step = split(method)
+                x0 = sample(model, x_T, schedule, sorted(timesteps), method=name,
+                            **({} if name == "ddim" else {"final_step": final_step}))
                 record(rows, x0, x0_ref, problem=key, kind=f"same timesteps as {top['method']}", method=method,
                        grid=top["grid"], target=target, S=len(timesteps), nfe=expected_nfe(method, len(timesteps)))
     info["peers_seconds"] = time.perf_counter() - start
@@ -299,7 +312,7 @@ def cell(r, show_grid=True) -> str:
 
 
 def row_labels(peers_available):
-    ours = [("ours", m, f"**{m}** (ours)") for m in ("ddim", *METHODS)]
+    ours = [("ours", m, f"**{m}** (ours)") for m in OURS]
     stock = [("stock", p, f"{PEER_LABELS[p]}, diffusers stock") for p in PEERS] if peers_available else []
     free = [("grid", p, f"{PEER_LABELS[p]}, diffusers best grid") for p in PEERS] if peers_available else []
     return ours + stock + free
@@ -310,7 +323,7 @@ def summary(rows, problem, target, peers_available):
     def pick(kind, names):
         return min((best(rows, problem, kind, m, target) for m in names), key=lambda r: r["rmse"])
 
-    ours = pick("ours", ("ddim", *METHODS))
+    ours = pick("ours", OURS)
     return (ours, pick("stock", PEERS), pick("grid", PEERS)) if peers_available else (ours, None, None)
 
 
@@ -340,13 +353,14 @@ def notes(rows, infos, peers_available):
         "the reference's (a checked property, not computed here), and at NFE ≤ 10 these few points carry most "
         "of the RMSE.")
     lines.append(
-        "- The last step, from σ(τ_1) to 0, is Euler for every method here and for the diffusers peers "
+        "- The last step, from σ(τ_1) to 0, is Euler for our rows without `+x0` and for the diffusers peers "
         "(`final_sigmas_type=\"zero\"` takes a first-order step), so the floors above bound all of them "
-        "(up to cancellation with earlier errors, which is why a few cells sit slightly below the floor). Along "
-        "Eq 14 the x_0 prediction D = x̄ - σε satisfies dD/dσ = -σ dε/dσ, so D = x_0 + O(σ²): extrapolating D "
-        "in σ² from exact states at t = 3 and t = 0 would leave "
-        + ", ".join(f"{infos[k]['extrapolated']:.1e} (Problem {k}, floor {infos[k]['floors'][0]:.1e})" for k in infos)
-        + " at no extra evaluation.")
+        "(up to cancellation with earlier errors, which is why a few cells sit slightly below the floor). The "
+        "`+x0` rows end with `final_step=\"extrapolate\"`: Eq 14's field is odd in σ, so the x_0 prediction "
+        "D = x̄ - σε is even in σ, D = x_0 + cσ² + O(σ⁴), and the line through the last two (σ², D) removes c "
+        "at no extra evaluation. From exact states at t = 3 and t = 0 it leaves "
+        + ", ".join(f"{infos[k]['extrapolated']:.1e} (Problem {k}, Euler floor {infos[k]['floors'][0]:.1e})" for k in infos)
+        + ".")
     if not peers_available:
         return lines + [""]
     for key in infos:
@@ -448,7 +462,7 @@ def markdown(rows, infos, peers_available, kdiff_note, seconds, n_points):
             "",
             f"Reference: {info['ref_nfe']} field evaluations; it differs from a 1e-8 solve by {info['ref_vs_1e-8']:.1e} "
             "RMSE. Floor from the last step alone (exact to σ(t_min), then the Euler step to σ = 0 that every method "
-            "takes): " + ", ".join(f"t_min = {t}: {v:.2e}" for t, v in info["floors"].items()) + ".",
+            "without `+x0` takes): " + ", ".join(f"t_min = {t}: {v:.2e}" for t, v in info["floors"].items()) + ".",
             "",
             "Best grid per row:",
             "",
@@ -469,6 +483,9 @@ def markdown(rows, infos, peers_available, kdiff_note, seconds, n_points):
     return lines + notes(rows, infos, peers_available)
 
 
+PLOTTED_EXTRAPOLATED = ("euler", "dpmpp_2m", "unipc")  # the figure shows these +x0 rows; the tables show all
+
+
 def plot(rows, infos, peers_available, path):
     """RMSE vs NFE, one panel per problem: ours at each method's best grid (solid), diffusers dashed/dotted."""
     import matplotlib
@@ -482,7 +499,7 @@ def plot(rows, infos, peers_available, path):
     palette = palette[::2] + palette[1::2]
     for ax, key in zip(axes[0], keys):
         drawn = {}  # identical curves (ddim and euler are the same update) share one line
-        for method in ("ddim", *METHODS):
+        for method in ("ddim", *METHODS, *(m + EXTRAPOLATED for m in PLOTTED_EXTRAPOLATED)):
             pts = [best(rows, key, "ours", method, t) for t in TARGETS]
             curve = tuple((p["nfe"], round(p["rmse"], 12)) for p in pts)
             drawn.setdefault(curve, []).append(method)
