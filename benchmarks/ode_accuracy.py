@@ -112,11 +112,7 @@ def reference(mixture, schedule, x_T, rtol=RTOL, atol=ATOL):
     """
     from torchdiffeq import odeint
 
-    def f(sigma, x_bar):  # Eq 14 with the mixture's ε as the field, valid down to σ = 0
-        f.nfe += 1
-        return mixture.eps(x_bar / torch.sqrt(1 + sigma**2), 1 / (1 + sigma**2))
-
-    f.nfe = 0
+    f = mixture.probability_flow()
     sigma_max = schedule.sigma(float(schedule.T - 1)).item()
     levels = [sigma_max, *(schedule.sigma(float(t)).item() for t in sorted(T_MINS, reverse=True)), 0.0]
     span = torch.tensor(levels, dtype=torch.float64)

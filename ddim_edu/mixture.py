@@ -86,6 +86,21 @@ class GaussianMixture:
         scale = (1 - alpha).sqrt().to(x.dtype)
         return -(scale.reshape(-1, *([1] * (x.ndim - 1))) if scale.ndim == 1 else scale) * self.score(x, alpha)
 
+    def probability_flow(self):
+        """Eq 14 with the exact ε as the field, ``f(σ, x̄) = ε(x̄ / sqrt(1+σ²), ᾱ = 1/(1+σ²))``.
+
+        In torchdiffeq's ``func(t, y)`` shape, like :func:`ddim_edu.ode.probability_flow`, but defined
+        down to σ = 0 (the data), where a model is not: solving it to σ = 0 gives the exact x_0 a
+        sampler approximates. ``f.nfe`` counts its evaluations.
+        """
+
+        def f(sigma: Tensor, x_bar: Tensor) -> Tensor:
+            f.nfe += 1
+            return self.eps(x_bar / torch.sqrt(1 + sigma**2), 1 / (1 + sigma**2))
+
+        f.nfe = 0
+        return f
+
     def eps_model(self, schedule: Schedule):
         """The exact ε as a model ``model(x, t)`` in the library's contract (t: timestep indices [B])."""
 

@@ -207,3 +207,23 @@ def test_final_step_bad_input(sched, ring):
         sample(model, x_T(4), sched, sched.timesteps(5, "trailing"), "heun", final_step="midpoint")
     with pytest.raises(ValueError, match="final_step='extrapolate' needs"):
         sample(model, x_T(4), sched, torch.tensor([999.0]), "heun", final_step="extrapolate")
+
+
+def test_mixture_flow_reaches_the_closed_form_x0(sched):
+    """The mixture's exact Eq 14 field, solved to σ = 0, lands on x_0 = μ + (x̄ - μ) s / sqrt(s² + σ²)
+    for Gaussian data, and equals the model route ``ode.probability_flow`` where both are defined."""
+    from torchdiffeq import odeint
+
+    from ddim_edu.ode import probability_flow
+
+    mu, s = torch.tensor([0.3, -0.2], dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float64)
+    gaussian = GaussianMixture(mu[None], s[None])
+    f = gaussian.probability_flow()
+    sigma = sched.sigma(500.0).item()
+    x_bar = x_T(32) * math.sqrt(1 + sigma**2)
+    out = odeint(f, x_bar, torch.tensor([sigma, 0.0], dtype=torch.float64), rtol=1e-10, atol=1e-10)[-1]
+    torch.testing.assert_close(out, mu + (x_bar - mu) * s / torch.sqrt(s**2 + sigma**2), rtol=0, atol=1e-8)
+    assert f.nfe > 0
+    level = torch.tensor(0.7, dtype=torch.float64)
+    torch.testing.assert_close(f(level, x_bar), probability_flow(gaussian.eps_model(sched), sched)(level, x_bar),
+                               rtol=1e-12, atol=1e-12)
