@@ -1,6 +1,8 @@
 """Interpolation between latents x_T (the paper's Section 5.3 and Appendix D.5)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -19,10 +21,19 @@ def slerp(x0: Tensor, x1: Tensor, weight) -> Tensor:
     if bool(((w < 0) | (w > 1)).any()):
         raise ValueError(f"weight must lie in [0, 1], got {w.tolist()}")
     a, b = x0.flatten(1).double(), x1.flatten(1).double()
-    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
-    theta = torch.arccos(cos.clamp(-1, 1))  # [B]
+    norms = a.norm(dim=1) * b.norm(dim=1)
+    if bool((norms == 0).any()):
+        raise ValueError("x0 and x1 must be nonzero in every sample: slerp's angle is undefined for a zero latent")
+    theta = torch.arccos(((a * b).sum(1) / norms).clamp(-1, 1))  # [B]
+    if bool((theta > math.pi - 1e-6).any()):
+        raise ValueError("x0 and x1 point in opposite directions in some sample: no unique great circle joins "
+                         "them; interpolate via a third latent")
     shape = (-1, *([1] * x0.ndim)) if w.ndim == 1 else (1,) * x0.ndim
     wt = w.reshape(shape) if w.ndim == 1 else w
     th = theta.reshape(x0.shape[0], *([1] * (x0.ndim - 1)))
-    out = (torch.sin((1 - wt) * th) * x0.double() + torch.sin(wt * th) * x1.double()) / torch.sin(th)
-    return out.to(x0.dtype)
+    sin = torch.sin(th)
+    parallel = sin < 1e-6  # the limit θ → 0 of slerp is linear interpolation
+    sin = torch.where(parallel, torch.ones_like(sin), sin)
+    c0 = torch.where(parallel, 1 - wt, torch.sin((1 - wt) * th) / sin)
+    c1 = torch.where(parallel, wt, torch.sin(wt * th) / sin)
+    return (c0 * x0.double() + c1 * x1.double()).to(x0.dtype)

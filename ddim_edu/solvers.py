@@ -235,7 +235,8 @@ def integrate(model: Model, x_bar: Tensor, schedule: Schedule, sigmas, method: s
 
     ``sigmas`` [N] is strictly monotone; the model is evaluated at every σ > 0 a method asks for
     (σ must not fall below σ(0), the schedule's smallest level, except as a final target 0).
-    A descent that ends at σ = 0 ends with the Euler step (``final_step="euler"``), or with
+    Autograd stays on (to differentiate through a solve); :func:`sample` and :func:`encode` turn it
+    off. A descent that ends at σ = 0 ends with the Euler step (``final_step="euler"``), or with
     :func:`extrapolated_x0` from the last two levels (``"extrapolate"``, needs N ≥ 3).
     """
     if method not in METHODS:
@@ -293,6 +294,7 @@ def noise_levels(schedule: Schedule, timesteps, method: str) -> list[float]:
     return schedule.sigma(tau).flip(0).tolist()
 
 
+@torch.no_grad()
 def sample(
     model: Model,
     x_T: Tensor,
@@ -338,6 +340,7 @@ def sample(
     return integrate(model, x_bar, schedule, [*sigmas, 0.0], method if method in METHODS else "euler", **options)
 
 
+@torch.no_grad()
 def encode(model: Model, x0: Tensor, schedule: Schedule, timesteps, method: str = "euler", *,
            fixed_point_iterations: int = 3, progress: bool = False) -> Tensor:
     """DDIM inversion: integrate Eq 14 upwards, from x_0 (σ = 0) to x_T at σ(τ_S) (Section 4.3).

@@ -152,6 +152,19 @@ def test_slerp():
         slerp(a, b, 1.5)
 
 
+def test_slerp_limits():
+    """Parallel latents: slerp's θ → 0 limit, linear interpolation (no 0/0). Zero or opposite latents: errors."""
+    a = torch.tensor([[1.0, 2.0, -1.0]])
+    torch.testing.assert_close(slerp(a, 3 * a, torch.tensor([0.0, 0.25, 1.0])),
+                               torch.stack([a, 1.5 * a, 3 * a]))
+    nearly = a + torch.tensor([[0.0, 0.0, 1e-9]])
+    assert bool(torch.isfinite(slerp(a.double(), nearly.double(), 0.5)).all())
+    with pytest.raises(ValueError, match="nonzero"):
+        slerp(a, torch.zeros_like(a), 0.5)
+    with pytest.raises(ValueError, match="opposite directions"):
+        slerp(a, -2 * a, 0.5)
+
+
 def test_bad_input(sched, ring):
     model = ring.eps_model(sched)
     tau = sched.timesteps(10, "karras")
@@ -227,3 +240,15 @@ def test_mixture_flow_reaches_the_closed_form_x0(sched):
     level = torch.tensor(0.7, dtype=torch.float64)
     torch.testing.assert_close(f(level, x_bar), probability_flow(gaussian.eps_model(sched), sched)(level, x_bar),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_sample_and_encode_build_no_graph(sched):
+    """An nn.Module model: sample and encode run without autograd (as the Eq 12 samplers do); integrate keeps it."""
+    from ddim_edu.nets import MLPEps
+
+    net = MLPEps().double()
+    tau = sched.timesteps(4, "trailing")
+    for method in ("ddim", "euler", "unipc"):
+        assert not sample(net, x_T(8), sched, tau, method).requires_grad
+    assert not encode(net, x_T(8), sched, tau, "heun").requires_grad
+    assert integrate(net, x_T(8), sched, sched.sigma(tau).flip(0), "euler").requires_grad
