@@ -16,7 +16,7 @@ ours                    diffusers                                        agreeme
                         is a different third-order method (its second    see the test below
                         stage), see ``test_dpm_solver_3_...``
 ``rk4``                 none                                             —
-``dpmpp_2m``            ``DPMSolverMultistepScheduler``                  in test_compare_diffusers.py
+``dpmpp_2m``            ``DPMSolverMultistepScheduler``                  1e-6 (float32 inside)
 ``dpmpp_3m``            none: ``DPMSolverMultistepScheduler`` order 3    differs in its start-up and
                         weights the second difference by half the        its d₂ weight only, see
                         exact integral's weight                          ``test_dpmpp_3m_...``
@@ -321,7 +321,7 @@ def test_dpm_solver_3_differs_from_singlestep_order_3_only_in_the_second_stage(s
     assert (ours - theirs).abs().max() > 1e-5
 
 
-# --- DPM-Solver++(3M): a different third-order weight --------------------------------------------------
+# --- DPM-Solver++(2M), and (3M) with a different third-order weight ------------------------------------
 
 
 def dpmpp_3m_diffusers_weights(eps, x, s, s_next, history):
@@ -346,22 +346,36 @@ def dpmpp_3m_diffusers_weights(eps, x, s, s_next, history):
     return (s_next / s) * x + (1 - s_next / s) * d + phi_2 * d1 + (0.5 - phi_2 / h) * d2
 
 
-@pytest.mark.parametrize("S", [20, 40])
-def test_dpmpp_3m_differs_from_diffusers_order_3_only_in_its_weights(setup, S, monkeypatch):
-    """DPMSolverMultistepScheduler(solver_order=3) is our ``dpmpp_3m`` with the start-up and d₂ weight
-    of ``dpmpp_3m_diffusers_weights``: with those swapped in, the two agree to 1e-6 (diffusers keeps
-    its σ and, inside ``step``, the state in float32); ours differs far beyond that. S ≥ 15, where
-    diffusers lowers the order of the last step only."""
-    sched, model, x = setup
-    tau = sched.timesteps(S, "trailing")
+def dpm_multistep(sched, model, x, tau, order):
+    """DPMSolverMultistepScheduler (dpmsolver++, the last step to σ = 0 first order) over integer τ."""
     ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=sched.T, beta_schedule="linear",
-                                                algorithm_type="dpmsolver++", solver_order=3,
+                                                algorithm_type="dpmsolver++", solver_order=order,
                                                 final_sigmas_type="zero", lower_order_final=True)
     ref.alphas_cumprod = sched.alphas_cumprod.clone()
     ref.set_timesteps(timesteps=tau.long().flip(0).tolist())
-    theirs = x
     for t in ref.timesteps:
-        theirs = ref.step(model(theirs, torch.full((len(x),), float(t), dtype=torch.float64)), t, theirs).prev_sample
+        x = ref.step(model(x, torch.full((len(x),), float(t), dtype=torch.float64)), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("S", [10, 20, 50])
+def test_dpmpp_2m_matches_diffusers(setup, S):
+    """Our DPM-Solver++(2M) vs DPMSolverMultistepScheduler (order 2): to 1e-6, as diffusers keeps
+    its σ and, inside ``step``, the state in float32."""
+    sched, model, x = setup
+    tau = sched.timesteps(S, "trailing")
+    torch.testing.assert_close(sample(model, x, sched, tau, method="dpmpp_2m"), dpm_multistep(sched, model, x, tau, 2),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("S", [20, 40])
+def test_dpmpp_3m_differs_from_diffusers_order_3_only_in_its_weights(setup, S, monkeypatch):
+    """DPMSolverMultistepScheduler(solver_order=3) is our ``dpmpp_3m`` with the start-up and d₂ weight
+    of ``dpmpp_3m_diffusers_weights``: with those swapped in, the two agree to 1e-6; ours differs
+    far beyond that. S ≥ 15, where diffusers lowers the order of the last step only."""
+    sched, model, x = setup
+    tau = sched.timesteps(S, "trailing")
+    theirs = dpm_multistep(sched, model, x, tau, 3)
     monkeypatch.setitem(solvers.METHODS, "dpmpp_3m_diffusers", solvers.Method(dpmpp_3m_diffusers_weights, 3, 1))
     torch.testing.assert_close(sample(model, x, sched, tau, method="dpmpp_3m_diffusers"), theirs, rtol=0, atol=1e-6)
     assert (sample(model, x, sched, tau, method="dpmpp_3m") - theirs).abs().max() > 1e-4
