@@ -32,6 +32,7 @@ import torch
 
 from ddim_edu import cli
 from ddim_edu.data import float_to_pixels, load_offline_images
+from ddim_edu.paper import SIGMA_HAT, TABLE1_FID, table1_row_label
 from ddim_edu.pretrained import CONFIG_NAME, WEIGHTS_NAMES, diffusers_config, load_unet, to_diffusers_state_dict
 from ddim_edu.schedules import SPACINGS, linear_schedule
 from ddim_edu.unet import UNet, UNetConfig
@@ -39,23 +40,8 @@ from ddim_edu.unet import UNet, UNetConfig
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = (10, 20, 50, 100, 1000)
 ETAS = (0.0, 0.2, 0.5, 1.0)
-SIGMA_HAT = "sigma_hat"
-
-# The paper's Table 1 (CIFAR-10 FID, 50k samples, same DDPM model): {row: {S: FID}}; rows are η or "sigma_hat".
-PAPER = {
-    0.0: {10: 13.36, 20: 6.84, 50: 4.67, 100: 4.16, 1000: 4.04},
-    0.2: {10: 14.04, 20: 7.11, 50: 4.77, 100: 4.25, 1000: 4.09},
-    0.5: {10: 16.66, 20: 8.35, 50: 5.25, 100: 4.46, 1000: 4.29},
-    1.0: {10: 41.07, 20: 18.36, 50: 8.01, 100: 5.78, 1000: 4.73},
-    SIGMA_HAT: {10: 367.43, 20: 133.37, 50: 32.72, 100: 9.99, 1000: 3.17},
-}
-
 SMOKE_CONFIG = UNetConfig(image_size=8, base_channels=16, channel_mult=(1,), num_res_blocks=1,
                           attention_resolutions=(), norm_groups=4, dropout=0.0)
-
-
-def row_label(row) -> str:
-    return "σ̂" if row == SIGMA_HAT else f"η = {row:g}"
 
 
 def cell_name(row, S: int) -> str:
@@ -159,9 +145,9 @@ def markdown(results: dict, args, rows, features: cli.Features, reference_name: 
         cells = []
         for S in args.steps:
             ours = f"{results[row, S]['fid']:.2f}"
-            paper = PAPER.get(row, {}).get(S)
+            paper = TABLE1_FID.get(row, {}).get(S)
             cells.append(ours + (f" ({paper:.2f})" if paper is not None else ""))
-        lines.append(f"| {row_label(row)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {table1_row_label(row)} | " + " | ".join(cells) + " |")
     tau_note = {
         "quad": "the quadratic τ_i = ⌊(linspace(0, sqrt(0.8 T), S))²⌋ the paper used for CIFAR-10 "
                 "(repeated small indices are dropped: a step from a timestep to itself is the identity)",
@@ -230,7 +216,7 @@ def main(argv=None) -> Path:
             for S in args.steps:
                 results[row, S] = run_cell(model, args, features, reference, row, S, source)
                 if not args.quiet:
-                    print(f"{row_label(row)}, S = {S}: FID {results[row, S]['fid']:.2f}", flush=True)
+                    print(f"{table1_row_label(row)}, S = {S}: FID {results[row, S]['fid']:.2f}", flush=True)
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished batches are kept under {args.work_dir}: rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None
