@@ -479,7 +479,7 @@ def markdown(rows, infos, peers_available, kdiff_note, seconds, n_points):
     return lines + notes(rows, infos, peers_available)
 
 
-PLOTTED_EXTRAPOLATED = ("euler", "dpmpp_2m", "unipc")  # the figure shows these +x0 rows; the tables show all
+PLOTTED_EXTRAPOLATED = ("euler", "unipc", "pc_sigma")  # the figure shows these +x0 rows; the tables show all
 
 
 def plot(rows, infos, peers_available, path):
