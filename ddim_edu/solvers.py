@@ -366,6 +366,9 @@ def sample(
         extra = {"eta": eta} if method == "ddim" else {}
         if method != "ddim" and eta != 0.0:
             raise ValueError(f"eta applies to method 'ddim' only; method {method!r} got eta={eta!r}")
+        if "final_step" in options:
+            raise ValueError(f"final_step applies to the ODE methods {sorted(METHODS)}; method {method!r} ends with "
+                             "its own last step (for η = 0 the same as 'euler')")
         steps = SAMPLERS[method](model, x_T, schedule, timesteps, generator=generator, **extra, **options)
         return run_steps(x_T, steps, return_trajectory)
     if method not in METHODS and method not in ADAPTIVE:
@@ -377,6 +380,9 @@ def sample(
     sigmas = noise_levels(schedule, timesteps, method)
     x_bar = x_T * math.sqrt(1 + sigmas[0] ** 2)  # x̄ = x / sqrt(ᾱ)
     if method in ADAPTIVE:
+        if options.get("final_step", "euler") != "euler":
+            raise ValueError(f"final_step={options['final_step']!r} needs a fixed grid; the adaptive solver {method!r} "
+                             "ends with the Euler step (use a method of METHODS)")
         x_bar, _ = solve_adaptive(model, x_bar, schedule, sigmas[0], sigmas[-1], method=method, rtol=rtol, atol=atol)
         sigmas = sigmas[-1:]
     return integrate(model, x_bar, schedule, [*sigmas, 0.0], method if method in METHODS else "euler", **options)

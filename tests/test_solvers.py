@@ -220,6 +220,10 @@ def test_final_step_bad_input(sched, ring):
         sample(model, x_T(4), sched, sched.timesteps(5, "trailing"), "heun", final_step="midpoint")
     with pytest.raises(ValueError, match="final_step='extrapolate' needs"):
         sample(model, x_T(4), sched, torch.tensor([999.0]), "heun", final_step="extrapolate")
+    with pytest.raises(ValueError, match="final_step applies to the ODE methods"):
+        sample(model, x_T(4), sched, sched.timesteps(5, "trailing"), "ddim", final_step="extrapolate")
+    with pytest.raises(ValueError, match="needs a fixed grid"):
+        sample(model, x_T(4), sched, sched.timesteps(5, "trailing"), "dopri5", final_step="extrapolate")
 
 
 def test_mixture_flow_reaches_the_closed_form_x0(sched):
