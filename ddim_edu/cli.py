@@ -54,7 +54,7 @@ from .data import CIFAR10_URL, float_to_pixels, load_cifar10
 from .files import atomic_write
 from .pretrained import config_from_diffusers, load_unet, unet_from_state_dict
 from .schedules import SPACINGS, linear_schedule
-from .solvers import ADAPTIVE, METHODS, SAMPLERS, noise_levels, sample
+from .solvers import ADAPTIVE, FINAL_STEPS, METHODS, SAMPLERS, noise_levels, sample
 from .unet import UNet, UNetConfig
 
 METHOD_GROUPS = {
@@ -85,14 +85,20 @@ def method_listing() -> str:
     return "; ".join(f"{group}: {', '.join(names)}" for group, names in METHOD_GROUPS.items())
 
 
-def check_method(method: str, eta: float) -> None:
-    """Refuse unknown methods (listing the valid names) and η with a method other than ``ddim``."""
+def check_method(method: str, eta: float, final_step: str = "euler") -> None:
+    """Refuse unknown methods (listing the valid names), η with a method other than ``ddim``, and a
+    ``final_step`` other than Euler's with a method that is not one of ``METHODS``."""
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}. Valid methods are {method_listing()}")
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0 (0 is DDIM, 1 is DDPM), got {eta!r}")
     if eta != 0 and method != "ddim":
         raise ValueError(f"eta (Eq 16) applies to method 'ddim' only; method {method!r} got eta={eta!r}")
+    if final_step not in FINAL_STEPS:
+        raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
+    if final_step != "euler" and method not in METHODS:
+        raise ValueError(f"final step {final_step!r} applies to the ODE methods ({', '.join(METHODS)}), "
+                         f"not to method {method!r}")
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -234,12 +240,12 @@ def shard_path(out, batch: int) -> Path:
     return Path(out) / "shards" / f"batch_{batch:05d}.npz"
 
 
-def sample_manifest(model: UNet, *, method: str, steps: int, eta: float, spacing: str, t_min: float | None,
+def sample_manifest(model: UNet, *, method: str, final_step: str, steps: int, eta: float, spacing: str, t_min: float | None,
                     num_images: int, batch_size: int, seed: int, timesteps: Tensor, source: str, device) -> dict:
     """What defines a run's images (compared on resume), plus a few informational entries (``_INFO_KEYS``)."""
     manifest = {
         "format": MANIFEST_FORMAT,
-        "method": method, "steps": steps, "eta": float(eta), "spacing": spacing,
+        "method": method, "final_step": final_step, "steps": steps, "eta": float(eta), "spacing": spacing,
         "t_min": None if t_min is None else float(t_min),
         "num_images": num_images, "batch_size": batch_size, "seed": seed,
         "schedule": "linear, T=1000, beta 1e-4..0.02",
@@ -278,10 +284,12 @@ def check_manifest(out: Path, manifest: dict) -> None:
         )
 
 
-def sample_batch(model, x_T: Tensor, schedule, timesteps, *, method: str, eta: float, generator) -> np.ndarray:
+def sample_batch(model, x_T: Tensor, schedule, timesteps, *, method: str, eta: float, generator,
+                 final_step: str = "euler") -> np.ndarray:
     """One batch: x_T [B, C, H, W] → uint8 images [B, H, W, C]."""
+    options = {"final_step": final_step} if method in METHODS else {}
     with torch.no_grad():
-        x0 = sample(model, x_T, schedule, timesteps, method=method, eta=eta, generator=generator)
+        x0 = sample(model, x_T, schedule, timesteps, method=method, eta=eta, generator=generator, **options)
     return float_to_pixels(x0).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -292,6 +300,7 @@ def generate(
     method: str = "ddim",
     steps: int = 50,
     eta: float = 0.0,
+    final_step: str = "euler",
     spacing: str = "uniform",
     t_min: float | None = None,
     num_images: int = 64,
@@ -309,7 +318,7 @@ def generate(
     ``keep_shards=False`` the shards are deleted once ``samples.npz`` is written; a later call with
     the same arguments then finds ``samples.npz`` and no shards and returns at once.
     """
-    check_method(method, eta)
+    check_method(method, eta, final_step)
     for name, value, minimum in (("steps", steps, 1), ("num_images", num_images, 1), ("batch_size", batch_size, 1),
                                  ("seed", seed, 0), ("grid", grid, 0)):
         check_int(name, value, minimum)
@@ -325,7 +334,7 @@ def generate(
     timesteps = schedule.timesteps(steps, spacing, **({} if t_min is None else {"t_min": t_min}))
     if method not in SAMPLERS:
         noise_levels(schedule, timesteps, method)  # refuses τ too short for a multistep method, before any file is written
-    manifest = sample_manifest(model, method=method, steps=steps, eta=eta, spacing=spacing, t_min=t_min,
+    manifest = sample_manifest(model, method=method, final_step=final_step, steps=steps, eta=eta, spacing=spacing, t_min=t_min,
                                num_images=num_images, batch_size=batch_size, seed=seed, timesteps=timesteps,
                                source=source, device=device)
     out.mkdir(parents=True, exist_ok=True)
@@ -346,7 +355,7 @@ def generate(
             start, stop = k * batch_size, min((k + 1) * batch_size, num_images)
             x_T = initial_noise(seed, start, stop, shape).to(device)
             images = sample_batch(model, x_T, schedule, timesteps, method=method, eta=eta,
-                                  generator=step_generator(seed, k, device))
+                                  generator=step_generator(seed, k, device), final_step=final_step)
             save_npz_atomic(shard_path(out, k), images=images, first_index=np.int64(start))
             bar.update()
 
@@ -598,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="ddim", help=f"sampling method (default ddim). {method_listing()}")
     s.add_argument("--steps", type=int, default=50, help="S, the length of the sub-sequence τ (default 50)")
     s.add_argument("--eta", type=float, default=0.0, help="η of Eq 16 for --method ddim: 0 DDIM, 1 DDPM (default 0)")
+    s.add_argument("--final-step", default="euler", choices=FINAL_STEPS,
+                   help="last step to σ = 0 of an ODE method: euler (= DDIM's) or extrapolate (the x_0 predictions "
+                        "extrapolated in σ²; default euler)")
     s.add_argument("--spacing", default="uniform", choices=SPACINGS, help="how τ is chosen (default uniform)")
     s.add_argument("--t-min", type=float, default=None, help=f"smallest timestep for the spacings {', '.join(FRACTIONAL_SPACINGS)}")
     s.add_argument("--num-images", type=int, default=64, help="number of images (default 64)")
@@ -635,11 +647,12 @@ def load_model_from_args(model: str | None, checkpoint: str | None, config: str 
 
 def _cmd_sample(args, parser) -> int:
     try:
-        check_method(args.method, args.eta)
+        check_method(args.method, args.eta, args.final_step)
     except ValueError as e:
         parser.error(str(e))
     model, source = load_model_from_args(args.model, args.checkpoint, args.config, args.download)
-    path = generate(model, args.out, method=args.method, steps=args.steps, eta=args.eta, spacing=args.spacing,
+    path = generate(model, args.out, method=args.method, steps=args.steps, eta=args.eta, final_step=args.final_step,
+                    spacing=args.spacing,
                     t_min=args.t_min, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
                     device=args.device, grid=args.grid, keep_shards=not args.remove_shards,
                     progress=not args.quiet, source=source)

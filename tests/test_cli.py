@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from ddim_edu import cli
-from ddim_edu.pretrained import CONFIG_NAME, WEIGHTS_NAMES, diffusers_config, to_diffusers_state_dict
+from ddim_edu.data import float_to_pixels
+from ddim_edu.pretrained import (
+    CONFIG_NAME,
+    WEIGHTS_NAMES,
+    diffusers_config,
+    to_diffusers_state_dict,
+)
+from ddim_edu.schedules import linear_schedule
+from ddim_edu.solvers import sample
 from ddim_edu.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,3 +363,23 @@ def test_table1_fails_clearly_without_weights_or_fid_backend(tiny_model, tmp_pat
         bench.main(["--model", str(tiny_model[0]), "--work-dir", str(tmp_path / "w")])
     assert "pip install torch-fidelity" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()  # nothing sampled
+
+
+def test_sample_final_step(tiny_model, tmp_path, capsys):
+    """--final-step extrapolate: recorded in the manifest, equal to sample(..., final_step="extrapolate"),
+    other than Euler's last step; refused for an Eq 12 sampler before anything is written."""
+    folder, model = tiny_model
+    grid_args = ("--method", "pc_sigma", "--spacing", "linear", "--t-min", "300")  # σ(τ_1) ≈ 1.2: a large last step
+    out = tmp_path / "pc"
+    assert run_sample(folder, out, *grid_args, "--final-step", "extrapolate", n=2) == 0
+    assert json.loads((out / "manifest.json").read_text())["final_step"] == "extrapolate"
+    sched = linear_schedule()
+    x_T = cli.initial_noise(0, 0, 2, (3, 8, 8))
+    expected = sample(model, x_T, sched, sched.timesteps(5, "linear", t_min=300.0), "pc_sigma", final_step="extrapolate")
+    np.testing.assert_array_equal(images_of(out), float_to_pixels(expected).permute(0, 2, 3, 1).numpy())
+    assert run_sample(folder, tmp_path / "euler", *grid_args, n=2) == 0
+    assert not np.array_equal(images_of(out), images_of(tmp_path / "euler"))
+    with pytest.raises(SystemExit):
+        run_sample(folder, tmp_path / "x", "--method", "ddim", "--final-step", "extrapolate")
+    assert "applies to the ODE methods" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
