@@ -14,6 +14,7 @@ horizontal flips, batch 128. :func:`train_image_model` does this for any ``nn.Mo
   in the same folder, fsync, ``os.replace``), so a crash or Ctrl-C never leaves a torn file;
 - resuming is exact: on a CPU, N steps, stop, resume, N more steps give the same bits as 2N steps;
 - Ctrl-C (KeyboardInterrupt) between steps writes a checkpoint of the last finished step first;
+  SIGTERM (what a job scheduler or torchrun sends to stop a run) is treated as Ctrl-C;
 - under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in
   DistributedDataParallel and each rank takes its contiguous share of the global batch; since
   DDP averages gradients and every rank draws the same global batch, the result equals
@@ -22,6 +23,8 @@ horizontal flips, batch 128. :func:`train_image_model` does this for any ``nn.Mo
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +65,18 @@ class ImageTrainResult:
     step: int
     seconds: float
     images_per_second: float
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _sigterm_as_keyboard_interrupt():
+    """Route SIGTERM to KeyboardInterrupt (the checkpointing path); returns the handler to restore, or
+    None where handlers cannot be set (outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
 
 def linear_warmup(step: int, warmup: int) -> float:
@@ -369,6 +384,7 @@ def train_image_model(
     bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc="training", leave=False)
     model.train()
     start = time.perf_counter()
+    previous_sigterm = _sigterm_as_keyboard_interrupt()
     try:
         while step < steps:
             between_steps = False
@@ -416,6 +432,8 @@ def train_image_model(
         raise
     finally:
         bar.close()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     seconds = time.perf_counter() - start
     if world > 1:
         dist.barrier()  # rank 0's files are complete when any rank returns

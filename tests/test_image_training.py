@@ -115,6 +115,26 @@ def test_ctrl_c_between_steps_saves_and_resumes(reference, tmp_path):
     assert_same_bits(resumed.ema, reference.ema)
 
 
+def test_sigterm_is_ctrl_c(reference, tmp_path):
+    """SIGTERM between steps saves the last finished step like Ctrl-C; the previous handler comes back."""
+    import os
+    import signal
+
+    ckpt = tmp_path / "run.pt"
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminate(step, loss, model, ema):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_image_model(tiny_model(0), DATA, SCHED, steps=6, checkpoint=ckpt, checkpoint_every=2, callback=terminate, **FAST)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert load_checkpoint(ckpt)["step"] == 4
+    resumed = train_image_model(tiny_model(5), DATA, SCHED, steps=6, checkpoint=ckpt, **FAST)
+    assert_same_bits(resumed.model, reference.model)
+
+
 def test_ctrl_c_inside_a_step_keeps_the_last_checkpoint(reference, tmp_path):
     ckpt = tmp_path / "run.pt"
     model = tiny_model(0)
