@@ -21,6 +21,7 @@ ours                    diffusers                                        agreeme
                         weights the second difference by half the        its d₂ weight only, see
                         exact integral's weight                          ``test_dpmpp_3m_...``
 ``unipc``               ``UniPCMultistepScheduler`` (its defaults)       to rounding
+``pc_sigma``            none (this library's: UniPC's scheme in σ)       —
 ======================  ===============================================  =============================
 
 ``rk4`` has no counterpart: diffusers has no classical Runge–Kutta scheduler. PNDM's pseudo
