@@ -64,6 +64,12 @@ def split(name: str) -> tuple[str, str]:
     return name, "euler"
 
 
+def sample_row(model, x_T, schedule, timesteps, row: str):
+    """x_0 of one row of ours: ``sample`` with the row's method and, for an ODE method, its final step."""
+    name, final_step = split(row)
+    return sample(model, x_T, schedule, timesteps, method=name, **({} if name == "ddim" else {"final_step": final_step}))
+
+
 def expected_nfe(method: str, S: int) -> int:
     """NFE on S timesteps: S for ``"ddim"``, ``Method.nfe(S)`` for an ODE method (the last step costs 1)."""
     return S if method == "ddim" else METHODS[split(method)[0]].nfe(S)
@@ -149,9 +155,7 @@ def extrapolated_last_step(mixture, schedule, states, x0_ref, t1=0, t2=3) -> flo
 def run_ours(model, x_T, schedule, method, grid_name, target):
     S = steps_for(method, target)
     counted = Counted(model)
-    name, final_step = split(method)
-    options = {} if name == "ddim" else {"final_step": final_step}
-    x0 = sample(counted, x_T, schedule, grid(schedule, grid_name, S), method=name, **options)
+    x0 = sample_row(counted, x_T, schedule, grid(schedule, grid_name, S), method)
     if counted.calls != expected_nfe(method, S):
         raise RuntimeError(f"{method} on {grid_name}, S={S}: {counted.calls} model calls, expected {expected_nfe(method, S)}")
     return x0, S, counted.calls
@@ -280,9 +284,7 @@ def run_problem(key, mixture, schedule, x_T, peers_available, int_grids):
                      make_peer(top["method"], schedule, S=target, spacing=top["grid"]).timesteps.tolist())
         for method in OURS:
             if expected_nfe(method, len(timesteps)) <= target:
-                name, final_step = split(method)
-                x0 = sample(model, x_T, schedule, sorted(timesteps), method=name,
-                            **({} if name == "ddim" else {"final_step": final_step}))
+                x0 = sample_row(model, x_T, schedule, sorted(timesteps), method)
                 record(rows, x0, x0_ref, problem=key, kind=f"same timesteps as {top['method']}", method=method,
                        grid=top["grid"], target=target, S=len(timesteps), nfe=expected_nfe(method, len(timesteps)))
     info["peers_seconds"] = time.perf_counter() - start

@@ -146,6 +146,14 @@ def dpmpp_3m_step(eps, x, s, s_next, history):
     return x_next
 
 
+def current_prediction(eps, x, s, history):
+    """D = x̄ - σ ε at the start of a predictor–corrector step: evaluated here on the first step, else
+    the one the previous step evaluated at its end (the last entry of ``history``, (σ, D) pairs)."""
+    if not history:
+        history.append((s, x - s * eps(x, s)))
+    return history[-1][1]
+
+
 def unipc_step(eps, x, s, s_next, history):
     """UniPC (Zhao et al. 2023) with B(h) = e^h - 1 ("bh2"), on the x_0 prediction D = x̄ - σ ε.
 
@@ -159,9 +167,7 @@ def unipc_step(eps, x, s, s_next, history):
     predictor is DDIM and the corrector weights D' - D_i by B(h)/2 (UniC-1). The last step, to
     σ' = 0, returns D_i. This is diffusers' ``UniPCMultistepScheduler`` at its defaults.
     """
-    d = x - s * eps(x, s) if not history else history[-1][1]  # D at x̄, evaluated by the previous step
-    if not history:
-        history.append((s, d))
+    d = current_prediction(eps, x, s, history)
     if s_next == 0:
         return d
     h = math.log(s / s_next)
@@ -207,9 +213,7 @@ def pc_sigma_step(eps, x, s, s_next, history):
     polynomial in λ = -log σ would need ever higher degrees to follow it; on the mixture benchmark
     this roughly halves UniPC's error at 10 evaluations. The last step, to σ' = 0, returns D_i.
     """
-    d = x - s * eps(x, s) if not history else history[-1][1]  # D at x̄, evaluated by the previous step
-    if not history:
-        history.append((s, d))
+    d = current_prediction(eps, x, s, history)
     if s_next == 0:
         return d
     rho = s_next / s
