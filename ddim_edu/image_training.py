@@ -18,7 +18,9 @@ horizontal flips, batch 128. :func:`train_image_model` does this for any ``nn.Mo
 - under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in
   DistributedDataParallel and each rank takes its contiguous share of the global batch; since
   DDP averages gradients and every rank draws the same global batch, the result equals
-  one-process training on the global batch up to float rounding. Only rank 0 writes files.
+  one-process training on the global batch up to float rounding (for a model without dropout).
+  The model's own randomness (dropout) is seeded per rank and step, so masks differ across
+  ranks and a resumed run draws the same ones. Only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -203,11 +205,10 @@ def _broadcast_(tensor: Tensor, device: torch.device) -> Tensor:
 
 
 def _sync_ranks(step: int, generator: torch.Generator, device: torch.device, checkpoint) -> None:
-    """Check that every rank starts at rank 0's step, then give all ranks rank 0's random states.
+    """Check that every rank starts at rank 0's step, then give all ranks rank 0's data generator.
 
     The same collectives run on every rank, resumed or not. DDP broadcasts the weights itself;
-    the generators must agree too, so that all ranks draw the same global batch (data generator)
-    and stay in step when the model draws random numbers (torch's CPU and CUDA generators).
+    the data generators must agree too, so that all ranks draw the same global batch.
     """
     bounds = torch.tensor([step, -step], dtype=torch.int64)
     bounds = bounds.to(device if dist.get_backend() == "nccl" else "cpu")
@@ -217,9 +218,16 @@ def _sync_ranks(step: int, generator: torch.Generator, device: torch.device, che
                          f"{dist.get_rank()} at step {step}): every rank must see the same checkpoint {checkpoint} "
                          "(put it on a shared file system)")
     generator.set_state(_broadcast_(generator.get_state(), device))
-    torch.set_rng_state(_broadcast_(torch.get_rng_state(), device))
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(_broadcast_(torch.cuda.get_rng_state(device), device), device)
+
+
+def rank_step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of torch's generators for one DDP rank at one step: distinct per rank, a function of the step alone.
+
+    Shared generators would give every rank the same dropout masks (the ranks' shares of the batch
+    would see one mask pattern); states carried from step to step would differ per rank and all have
+    to be checkpointed. ``SeedSequence`` mixes the three integers into independent 64-bit seeds.
+    """
+    return int(np.random.SeedSequence([seed % 2**64, rank, step]).generate_state(1, np.uint64)[0])
 
 
 def _global_mean(loss: Tensor, world: int) -> Tensor:
@@ -284,8 +292,9 @@ def train_image_model(
     (a dict is passed to it as keyword arguments, e.g. ``{"mode": "max-autotune"}``); checkpoints
     hold the bare model's weights either way.
     ``callback(step, loss, model, ema)`` runs after every step (0-based ``step``, global-batch loss).
-    With dropout, DDP ranks start from rank 0's random state, so their masks repeat across ranks; the
-    one-process equality holds for models without randomness in ``forward``.
+    Under DDP, torch's generators (which dropout draws from) are seeded at every step from
+    (``seed``, rank, step) by :func:`rank_step_seed`: each rank draws its own masks, and resuming
+    needs no per-rank state. The one-process equality holds for models without randomness in ``forward``.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (it is optimised), got {type(model).__name__}")
@@ -396,6 +405,8 @@ def train_image_model(
             if flip is not None:
                 x0 = torch.where(flip.to(device)[:, None, None, None], x0.flip(-1), x0)
             x0 = x0.contiguous(memory_format=memory_format)
+            if world > 1:
+                torch.manual_seed(rank_step_seed(seed, rank, step))  # this rank's dropout masks
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 if world == 1:
                     loss = simple_loss(forward, x0, schedule, generator)

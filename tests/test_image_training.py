@@ -273,3 +273,38 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         for k, v in module.state_dict().items():
             torch.testing.assert_close(r0[part][k], v, rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
     torch.testing.assert_close(r0["losses"], single.losses, rtol=1e-5, atol=1e-6)
+
+
+def _ddp_dropout_worker(rank, world, port, folder):
+    """With dropout: record each step's mask on this rank; 4 steps straight, and 2 + resume 2 into another checkpoint."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        masks = []
+        model = tiny_model(rank, dropout=0.5)
+        model.drop.register_forward_hook(lambda module, inputs, output: masks.append(output == 0))
+        straight = train_image_model(model, DATA, SCHED, steps=DDP_STEPS, checkpoint=os.path.join(folder, "a.pt"),
+                                     **DDP_SETTINGS)
+        ckpt = os.path.join(folder, "b.pt")
+        train_image_model(tiny_model(rank, dropout=0.5), DATA, SCHED, steps=DDP_STEPS // 2, checkpoint=ckpt, **DDP_SETTINGS)
+        resumed = train_image_model(tiny_model(rank + 10, dropout=0.5), DATA, SCHED, steps=DDP_STEPS, checkpoint=ckpt,
+                                    **DDP_SETTINGS)
+        torch.save({"masks": torch.stack(masks), "straight": straight.model.state_dict(),
+                    "resumed": resumed.model.state_dict()}, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_dropout_masks_differ_across_ranks_and_resume_exactly(tmp_path):
+    """Each rank draws its own dropout masks (seeded from seed, rank and step), and resuming half-way is still exact."""
+    mp.spawn(_ddp_dropout_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["masks"].shape[0] == DDP_STEPS
+    for step in range(DDP_STEPS):
+        assert not torch.equal(r0["masks"][step], r1["masks"][step]), step
+        assert 0.3 < r0["masks"][step].float().mean() < 0.7  # dropout 0.5 is in force
+    for k in r0["straight"]:
+        assert torch.equal(r0["straight"][k], r1["straight"][k]), k  # replicas identical
+        assert torch.equal(r0["resumed"][k], r0["straight"][k]), k  # 2 + 2 steps = 4 steps, bit for bit
