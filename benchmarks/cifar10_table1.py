@@ -190,7 +190,7 @@ def parse_args(argv=None):
     parser.add_argument("--work-dir", type=Path, default=None, help="samples and per-cell results (default outputs/cifar10_table1[_smoke])")
     parser.add_argument("--out", type=Path, default=None, help="the Markdown table (default docs/cifar10_table1.md; smoke: <work-dir>/table1.md)")
     parser.add_argument("--stats", type=Path, default=None, help="cache of the CIFAR-10 FID statistics")
-    parser.add_argument("--cifar10", default=None, help="CIFAR-10 binary archive or folder (needed once for the statistics)")
+    parser.add_argument("--cifar10", default=None, help="CIFAR-10 archive (binary or python version) or its folder (needed once for the statistics)")
     parser.add_argument("--inception-weights", type=Path, default=None, help="torch-fidelity's Inception weights file")
     parser.add_argument("--fid-batch-size", type=int, default=250)
     parser.add_argument("--smoke", action="store_true", help="the whole grid on a tiny random UNet with stand-in FID features")

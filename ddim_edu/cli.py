@@ -25,7 +25,7 @@ their images depend (slightly) on the batch too.
 ``fid`` computes the Fréchet Inception Distance (Heusel et al. 2017) of an ``.npz`` of uint8
 images against CIFAR-10's training set. The glue is here: :func:`feature_statistics` (mean and
 covariance of features), :func:`frechet_distance` (the closed form between two Gaussians), and
-reference statistics computed once from the CIFAR-10 binary archive (:mod:`ddim_edu.data`) and
+reference statistics computed once from a CIFAR-10 archive (:mod:`ddim_edu.data`) and
 cached. The features come from torch-fidelity's port of the TensorFlow Inception-v3 used by the
 original FID code (pool3, 2048 dimensions), an optional dependency; the extractor is a plain
 argument (:class:`Features`), so the glue is tested with any stand-in.
@@ -499,7 +499,7 @@ def cifar10_statistics(features: Features, stats=None, *, cifar10=None, records_
                        batch_size: int = 250, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(μ, Σ) of the CIFAR-10 training images (all 50000), read from the cache ``stats`` or computed and cached there.
 
-    ``cifar10`` is the binary archive or its folder (:func:`ddim_edu.data.load_cifar10`; None reads
+    ``cifar10`` is an official archive or its folder (:func:`ddim_edu.data.load_cifar10`; None reads
     ``$DDIM_EDU_CIFAR10``). The cache stores the extractor's name and is refused for another extractor.
     """
     stats = Path(stats) if stats is not None else default_stats_path(features)
@@ -627,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with torch-fidelity's Inception-v3 pool3 features (see INSTALL in the error if missing).")
     f.add_argument("samples", type=Path, help=".npz of uint8 images [N, H, W, 3]")
     f.add_argument("--stats", type=Path, default=None, help="cache of the CIFAR-10 statistics (default ~/.cache/ddim_edu/...)")
-    f.add_argument("--cifar10", default=None, help=f"CIFAR-10 binary archive or folder, needed once to compute the "
+    f.add_argument("--cifar10", default=None, help=f"CIFAR-10 archive (binary or python version) or its folder, needed once to compute the "
                                                    f"statistics (default $DDIM_EDU_CIFAR10; download {CIFAR10_URL})")
     f.add_argument("--inception-weights", type=Path, default=None, help=f"Inception weights file (default {default_inception_weights()})")
     f.add_argument("--batch-size", type=int, default=250, help="images per forward pass (default 250)")

@@ -1,11 +1,16 @@
-"""Image data: CIFAR-10 from its official binary archive, and a small photo that ships with the repository.
+"""Image data: CIFAR-10 from its official archives, and a small photo that ships with the repository.
 
 DDIM's image experiments (Section 5) train on CIFAR-10, 32×32 RGB, with pixels mapped to
-[-1, 1] as in DDPM. :func:`load_cifar10` reads the *binary* version,
-https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz: each ``.bin`` file is a sequence of
-records of 1 label byte followed by 3072 pixel bytes (the red, then green, then blue 32×32 plane,
-each row-major), i.e. CHW order. numpy reads it directly; the python version of the data set is a
-set of pickles, and unpickling a downloaded file can run arbitrary code, so it is not supported.
+[-1, 1] as in DDPM. :func:`load_cifar10` reads either official version:
+
+- the *binary* version (preferred), https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz: each
+  ``.bin`` file is a sequence of records of 1 label byte followed by 3072 pixel bytes (the red,
+  then green, then blue 32×32 plane, each row-major), i.e. CHW order; numpy reads it directly;
+- the *python* version (what torchvision downloads), cifar-10-python.tar.gz: each batch is a
+  pickled dict whose ``data`` is a uint8 array [10000, 3072] in the same pixel order and whose
+  ``labels`` is a list. Unpickling a downloaded file can run arbitrary code, so the batches are read
+  by an unpickler that knows only the three numpy names a batch uses (a uint8 array and its
+  dtype) and refuses every other import before it happens.
 
 Nothing here downloads. For work on a CPU, tests and CI, :func:`load_offline_images` cuts patches
 from a photo frozen in ``toy_data/grace_hopper_half.npz`` (made by :func:`make_offline_photo`
@@ -13,10 +18,14 @@ from matplotlib's bundled sample ``grace_hopper.jpg``; see ``toy_data/README.md`
 """
 from __future__ import annotations
 
+import io
 import numbers
 import os
+import pickle
 import tarfile
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -24,8 +33,10 @@ import torch
 from torch import Tensor
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_PYTHON_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ENV = "DDIM_EDU_CIFAR10"
 CIFAR10_FOLDER = "cifar-10-batches-bin"
+CIFAR10_PYTHON_FOLDER = "cifar-10-batches-py"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_FILES = {
     "train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
@@ -60,24 +71,26 @@ def float_to_pixels(x: Tensor) -> Tensor:
 
 def _missing(where: str) -> FileNotFoundError:
     return FileNotFoundError(
-        f"CIFAR-10 (binary version) not found: {where}. Nothing is downloaded automatically; fetch the "
-        f"archive (about 163 MB) once with\n    curl -O {CIFAR10_URL}\nthen pass its path (the .tar.gz itself, "
+        f"CIFAR-10 not found: {where}. Nothing is downloaded automatically; fetch the binary version "
+        f"(about 163 MB) once with\n    curl -O {CIFAR10_URL}\nthen pass its path (the .tar.gz itself, "
         f"or the extracted '{CIFAR10_FOLDER}' folder) as `path`, or set the environment variable "
-        f"{CIFAR10_ENV}=/path/to/cifar-10-binary.tar.gz"
+        f"{CIFAR10_ENV}=/path/to/cifar-10-binary.tar.gz. The python version ({CIFAR10_PYTHON_URL}, "
+        f"or torchvision's '{CIFAR10_PYTHON_FOLDER}' folder) is read too."
     )
 
 
-def _pickle_version(where: str) -> ValueError:
-    return ValueError(
-        f"{where} is the python (pickle) version of CIFAR-10, which is not supported: reading it requires "
-        f"unpickling, and unpickling a downloaded file can run arbitrary code. Use the binary version, "
-        f"{CIFAR10_URL} (curl -O {CIFAR10_URL})"
-    )
+def _checked_batch(images: np.ndarray, labels: np.ndarray, where: str, records_per_file: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The checks both versions share: the number of records and the label range; images [n, 3, 32, 32]."""
+    if records_per_file is not None and len(labels) != records_per_file:
+        raise ValueError(f"{where} holds {len(labels)} records, expected {records_per_file}: the file is truncated or not CIFAR-10")
+    if int(labels.max()) >= len(CIFAR10_CLASSES):
+        raise ValueError(f"{where} has labels up to {int(labels.max())}, but CIFAR-10 labels lie in 0..9: not CIFAR-10 data")
+    return images.reshape(-1, 3, 32, 32), labels.astype(np.uint8)
 
 
-def _parse_records(raw: bytes | np.ndarray, where: str, records_per_file: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _parse_records(raw: bytes, where: str, records_per_file: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Split one ``.bin`` file's bytes into images [n, 3, 32, 32] and labels [n] (both uint8)."""
-    buf = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, bytes) else raw
+    buf = np.frombuffer(raw, dtype=np.uint8)
     if buf.size == 0 or buf.size % RECORD_BYTES:
         raise ValueError(
             f"{where} has {buf.size} bytes, not a positive multiple of the record size {RECORD_BYTES} "
@@ -85,16 +98,94 @@ def _parse_records(raw: bytes | np.ndarray, where: str, records_per_file: int | 
             "(CIFAR-100's records have 2 label bytes)"
         )
     records = buf.reshape(-1, RECORD_BYTES)
-    if records_per_file is not None and len(records) != records_per_file:
-        raise ValueError(f"{where} holds {len(records)} records, expected {records_per_file}: the file is truncated or not CIFAR-10")
-    labels = records[:, 0]
-    if int(labels.max()) >= len(CIFAR10_CLASSES):
-        raise ValueError(f"{where} has label bytes up to {int(labels.max())}, but CIFAR-10 labels lie in 0..9: not CIFAR-10 binary data")
-    return records[:, 1:].reshape(-1, 3, 32, 32), labels
+    return _checked_batch(records[:, 1:], records[:, 0], where, records_per_file)
+
+
+# --- CIFAR-10, python version: a restricted unpickler -----------------------------------------------
+
+class _Refused(pickle.UnpicklingError):
+    """The stream asks for something a CIFAR-10 batch never holds."""
+
+
+_NDARRAY = object()  # stands for numpy.ndarray: usable only as _reconstruct's first argument, never called
+
+
+def _reconstruct_empty(subtype, shape, typecode):
+    """numpy's array-pickling entry point, allowed only as a batch uses it: an empty ndarray the stream then fills."""
+    if subtype is not _NDARRAY or tuple(shape) != (0,) or typecode not in ("b", b"b"):
+        raise _Refused(f"an array reconstruction with unexpected arguments {shape!r}, {typecode!r}")
+    return np.empty(0, dtype=np.uint8).view(np.ndarray)
+
+
+def _uint8_dtype(spec, align=0, copy=1):
+    """numpy's dtype constructor, allowed for uint8 only (a copy, as numpy makes it: the stream then sets its state)."""
+    if spec not in ("u1", b"u1"):
+        raise _Refused(f"an array of dtype {spec!r}; CIFAR-10 batches hold uint8 ('u1') only")
+    return np.dtype("u1", bool(align), bool(copy))
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 python batch and nothing else: any import but these three is refused before it is made."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct_empty,  # written by numpy < 2
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct_empty,  # the same, by numpy >= 2
+        ("numpy", "ndarray"): _NDARRAY,
+        ("numpy", "dtype"): _uint8_dtype,
+    }
+
+    def find_class(self, module, name):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise _Refused(f"it asks to import {module}.{name}, which a CIFAR-10 batch never does") from None
+
+
+def _parse_pickle_batch(raw: bytes, where: str, records_per_file: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """One python-version batch (a pickled dict with ``data`` uint8 [n, 3072] and ``labels``) as images [n, 3, 32, 32] and labels [n]."""
+    try:
+        # latin1 decodes Python 2's byte strings to str, as numpy requires for its arrays' data
+        batch = _BatchUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except _Refused as err:
+        raise ValueError(f"{where} was refused: {err}. It is not a CIFAR-10 python batch; download "
+                         f"{CIFAR10_URL} (the binary version) instead") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as err:
+        raise ValueError(f"{where} is a truncated or corrupt CIFAR-10 python batch ({type(err).__name__}: {err}); "
+                         f"download it again") from None
+    data = batch.get("data") if isinstance(batch, dict) else None
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) == 0:
+        raise ValueError(f"{where} has no 'data' array of uint8 [N, 3072]: not a CIFAR-10 python batch")
+    if not isinstance(labels, list) or len(labels) != len(data) or not all(type(v) is int and v >= 0 for v in labels):
+        raise ValueError(f"{where} has no 'labels' list of {len(data)} non-negative ints: not a CIFAR-10 python batch")
+    return _checked_batch(data, np.asarray(labels, dtype=np.int64), where, records_per_file)
+
+
+@dataclass(frozen=True)
+class _Version:
+    """One official version of the data set: its folder, the file of each split, and the parser of a file."""
+
+    folder: str
+    suffix: str  # of the batch files
+    meta: str  # the class-names file, extracted along with the batches
+    parse: Callable[[bytes, str, int | None], tuple[np.ndarray, np.ndarray]]
+
+    def names(self, split: str) -> tuple[str, ...]:
+        return tuple(n.removesuffix(".bin") + self.suffix for n in CIFAR10_FILES[split])
+
+    def holds_batches(self, folder: Path) -> bool:
+        return any((folder / n).is_file() for split in CIFAR10_FILES for n in self.names(split))
+
+
+_VERSIONS = (
+    _Version(CIFAR10_FOLDER, ".bin", "batches.meta.txt", _parse_records),
+    _Version(CIFAR10_PYTHON_FOLDER, "", "batches.meta", _parse_pickle_batch),
+)
+_ARCHIVES = ("cifar-10-binary.tar.gz", "cifar-10-python.tar.gz")
 
 
 def _resolve_cifar10(path) -> Path:
-    """The folder ``cifar-10-batches-bin`` or the archive that ``path`` (or the environment variable) points to."""
+    """The folder of batches (either version) or the archive that ``path`` (or the environment variable) points to."""
     if path is None:
         env = os.environ.get(CIFAR10_ENV)
         if not env:
@@ -102,18 +193,14 @@ def _resolve_cifar10(path) -> Path:
         path = env
     p = Path(path).expanduser()
     if p.is_dir():
-        if (p / CIFAR10_FILES["test"][0]).is_file() or any((p / f).is_file() for f in CIFAR10_FILES["train"]):
+        if any(v.holds_batches(p) for v in _VERSIONS):
             return p
-        if (p / CIFAR10_FOLDER).is_dir():
-            return p / CIFAR10_FOLDER
-        if (p / "cifar-10-binary.tar.gz").is_file():
-            return p / "cifar-10-binary.tar.gz"
-        if p.name == "cifar-10-batches-py" or (p / "cifar-10-batches-py").is_dir() or (p / "data_batch_1").is_file():
-            raise _pickle_version(str(p))
-        raise _missing(f"{p} holds neither the '.bin' files nor a '{CIFAR10_FOLDER}' folder nor cifar-10-binary.tar.gz")
+        for candidate in [p / v.folder for v in _VERSIONS] + [p / a for a in _ARCHIVES]:
+            if candidate.exists():
+                return candidate
+        raise _missing(f"{p} holds no CIFAR-10 batches, no '{CIFAR10_FOLDER}' or '{CIFAR10_PYTHON_FOLDER}' folder "
+                       f"and no {' or '.join(_ARCHIVES)}")
     if p.is_file():
-        if "cifar-10-python" in p.name:
-            raise _pickle_version(str(p))
         return p
     raise _missing(f"{p} does not exist")
 
@@ -128,67 +215,76 @@ def _checked_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> PurePosixP
     return name
 
 
-def _read_archive(archive: Path, names: tuple[str, ...], records_per_file: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Read the wanted ``.bin`` members of the archive into memory, in one pass (nothing is written to disk)."""
+def _read_archive(archive: Path, split: str, records_per_file: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Read one split's batches of either version from the archive into memory, in one pass (nothing is written to disk)."""
     try:
         tar = tarfile.open(archive, "r:*")
     except (tarfile.TarError, OSError) as err:
         raise ValueError(f"{archive} is not a readable tar archive ({err}); expected {CIFAR10_URL}") from err
-    wanted = {f"{CIFAR10_FOLDER}/{name}": name for name in names}
+    wanted = {f"{v.folder}/{name}": (v, name) for v in _VERSIONS for name in v.names(split)}
     raw: dict[str, bytes] = {}
     with tar:
         try:
             for member in tar:
                 key = member.name.removeprefix("./")
-                if key.startswith("cifar-10-batches-py/"):
-                    raise _pickle_version(str(archive))
                 if key in wanted:
                     _checked_member(tar, member)
-                    raw[wanted[key]] = tar.extractfile(member).read()
+                    raw[key] = tar.extractfile(member).read()
         except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
             raise ValueError(f"{archive} is a truncated or corrupt archive ({err}); download it again from {CIFAR10_URL}") from err
-    missing = [f"{CIFAR10_FOLDER}/{name}" for name in names if name not in raw]
-    if missing:
-        raise ValueError(f"{archive} has no member {missing[0]!r}: not the complete CIFAR-10 binary archive ({CIFAR10_URL})")
-    return [_parse_records(raw[name], f"{archive}:{CIFAR10_FOLDER}/{name}", records_per_file) for name in names]
+    for version in _VERSIONS:  # the version whose folder the archive has
+        keys = [f"{version.folder}/{name}" for name in version.names(split)]
+        if any(k in raw for k in keys):
+            missing = [k for k in keys if k not in raw]
+            if missing:
+                raise ValueError(f"{archive} has no member {missing[0]!r}: not a complete CIFAR-10 archive ({CIFAR10_URL})")
+            return [version.parse(raw[k], f"{archive}:{k}", records_per_file) for k in keys]
+    raise ValueError(f"{archive} has no member {CIFAR10_FOLDER}/{CIFAR10_FILES[split][0]} (nor its python-version "
+                     f"counterpart): not a CIFAR-10 archive ({CIFAR10_URL})")
 
 
 def load_cifar10(path=None, split: str = "train", *, records_per_file: int | None = 10000) -> tuple[Tensor, Tensor]:
-    """CIFAR-10 from the official binary version: (images uint8 [N, 3, 32, 32], labels int64 [N]).
+    """CIFAR-10 from an official archive: (images uint8 [N, 3, 32, 32], labels int64 [N]).
 
     ``path`` is ``cifar-10-binary.tar.gz`` (read in memory, nothing extracted to disk; see
     :func:`extract_cifar10` to unpack once for faster loading), the extracted
     ``cifar-10-batches-bin`` folder, or a folder holding either; ``None`` reads the environment
-    variable ``DDIM_EDU_CIFAR10``. ``split`` is ``"train"`` (``data_batch_1..5.bin``, N = 50000)
-    or ``"test"`` (``test_batch.bin``, N = 10000). Pixels keep the file's CHW order; map them to
-    [-1, 1] with :func:`pixels_to_float`. Each file must hold ``records_per_file`` records
-    (10000 in the real data; ``None`` accepts any positive number, for small test archives).
+    variable ``DDIM_EDU_CIFAR10``. The python version (``cifar-10-python.tar.gz`` or its
+    ``cifar-10-batches-py`` folder, which torchvision downloads) is read as well, through a
+    restricted unpickler (see the module's docstring). ``split`` is ``"train"``
+    (``data_batch_1..5[.bin]``, N = 50000) or ``"test"`` (``test_batch[.bin]``, N = 10000). Pixels
+    keep the files' CHW order; map them to [-1, 1] with :func:`pixels_to_float`. Each file must
+    hold ``records_per_file`` records (10000 in the real data; ``None`` accepts any positive
+    number, for small test archives).
 
     Raises FileNotFoundError (with the download command) if the data is missing, ValueError if
-    it is corrupt, truncated, or the unsupported python-pickle version.
+    it is corrupt, truncated, or a pickle that asks for anything a CIFAR-10 batch does not hold.
     """
     if split not in CIFAR10_FILES:
         raise ValueError(f"split must be one of {sorted(CIFAR10_FILES)}, got {split!r}")
     if records_per_file is not None and (not isinstance(records_per_file, numbers.Integral) or records_per_file < 1):
         raise ValueError(f"records_per_file must be a positive int or None, got {records_per_file!r}")
     source = _resolve_cifar10(path)
-    names = CIFAR10_FILES[split]
     if source.is_dir():
+        version = next(v for v in _VERSIONS if v.holds_batches(source))
+        names = version.names(split)
         missing = [n for n in names if not (source / n).is_file()]
         if missing:
             raise _missing(f"{source} lacks {', '.join(missing)} (an incomplete extraction?)")
-        parts = [_parse_records(np.fromfile(source / n, dtype=np.uint8), str(source / n), records_per_file) for n in names]
+        parts = [version.parse((source / n).read_bytes(), str(source / n), records_per_file) for n in names]
     else:
-        parts = _read_archive(source, names, records_per_file)
+        parts = _read_archive(source, split, records_per_file)
     images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.int64))
     return images, labels
 
 
 def extract_cifar10(archive, dest) -> Path:
-    """Unpack the ``.bin`` files (and ``batches.meta.txt``) of the binary archive into ``dest``; returns ``dest/cifar-10-batches-bin``.
+    """Unpack the batches and the class-names file of an archive into ``dest``; returns the folder written.
 
-    Only regular-file members under ``cifar-10-batches-bin/`` are written; a member with an
+    For the binary archive that is ``dest/cifar-10-batches-bin`` (the ``.bin`` files and
+    ``batches.meta.txt``), for the python archive ``dest/cifar-10-batches-py``. Only regular-file
+    members of that folder are written; a member with an
     absolute name, a ``..`` component or a link raises ValueError before anything is written, so
     a malicious archive cannot write outside ``dest``. Files are written to a temporary name and
     renamed, so an interrupted extraction leaves no truncated ``.bin`` file behind.
@@ -205,14 +301,17 @@ def extract_cifar10(archive, dest) -> Path:
             members = tar.getmembers()
         except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
             raise ValueError(f"{archive} is a truncated or corrupt archive ({err})") from err
-        names = [_checked_member(tar, m) for m in members if not m.isdir()]  # check every member first
-        if any(n.parts[0] == "cifar-10-batches-py" for n in names):
-            raise _pickle_version(str(archive))
-        wanted = [(m, n) for m, n in zip([m for m in members if not m.isdir()], names)
-                  if len(n.parts) == 2 and n.parts[0] == CIFAR10_FOLDER and (n.suffix == ".bin" or n.name == "batches.meta.txt")]
-        if not wanted:
-            raise ValueError(f"{archive} has no '{CIFAR10_FOLDER}/*.bin' members: not the CIFAR-10 binary archive ({CIFAR10_URL})")
-        out_dir = dest / CIFAR10_FOLDER
+        files = [m for m in members if not m.isdir()]
+        names = [_checked_member(tar, m) for m in files]  # check every member first
+        for version in _VERSIONS:
+            keep = {*version.names("train"), *version.names("test"), version.meta}
+            wanted = [(m, n) for m, n in zip(files, names) if len(n.parts) == 2 and n.parts[0] == version.folder and n.name in keep]
+            if wanted:
+                break
+        else:
+            raise ValueError(f"{archive} has no '{CIFAR10_FOLDER}/*.bin' (or '{CIFAR10_PYTHON_FOLDER}/*') members: "
+                             f"not a CIFAR-10 archive ({CIFAR10_URL})")
+        out_dir = dest / version.folder
         out_dir.mkdir(parents=True, exist_ok=True)
         for member, name in wanted:
             target = out_dir / name.name

@@ -1,4 +1,4 @@
-"""CIFAR-10 binary reader (on small archives written here in the official format) and the offline photo patches."""
+"""CIFAR-10 readers, binary and python versions (on small archives written here in the official formats), and the offline photo patches."""
 import io
 import tarfile
 
@@ -159,17 +159,149 @@ def test_corrupt_data(cifar_dir, tmp_path):
         load_cifar10(folder, "validation")
 
 
-def test_pickle_version_is_refused_with_reason(tmp_path):
-    py = tmp_path / "cifar-10-batches-py"
-    py.mkdir()
-    (py / "data_batch_1").write_bytes(b"\x80\x04")
-    with pytest.raises(ValueError, match="unpickling"):
-        load_cifar10(py)
-    with pytest.raises(ValueError, match="unpickling"):
-        load_cifar10(tmp_path)
-    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b")
-    with pytest.raises(ValueError, match="binary version"):
-        load_cifar10(tmp_path / "cifar-10-python.tar.gz")
+# --- the python version: Python 2 pickles, read by a restricted unpickler ---------------------------
+
+
+def py2_pickle(obj) -> bytes:
+    """``obj`` as Python 2's cPickle (protocol 2) wrote the official batches: byte strings as (SHORT_)BINSTRING,
+    numpy arrays through ``numpy.core.multiarray._reconstruct`` and a BUILD with numpy's state tuple.
+    Handles what a batch holds: dict, list, tuple, int, bool, None, bytes and uint8 arrays."""
+    out = bytearray(b"\x80\x02")
+
+    def put(o):
+        if o is None:
+            out.extend(b"N")
+        elif isinstance(o, bool):
+            out.extend(b"\x88" if o else b"\x89")
+        elif isinstance(o, int):
+            out.extend(b"K" + bytes([o]) if 0 <= o < 256 else b"M" + o.to_bytes(2, "little") if 0 <= o < 65536
+                       else b"J" + o.to_bytes(4, "little", signed=True))
+        elif isinstance(o, bytes):
+            out.extend((b"U" + bytes([len(o)]) if len(o) < 256 else b"T" + len(o).to_bytes(4, "little")) + o)
+        elif isinstance(o, tuple):
+            if 1 <= len(o) <= 3:
+                for item in o:
+                    put(item)
+                out.extend(b"\x85\x86\x87"[len(o) - 1:len(o)])
+            else:
+                out.extend(b"(")
+                for item in o:
+                    put(item)
+                out.extend(b"t")
+        elif isinstance(o, list):
+            out.extend(b"](")
+            for item in o:
+                put(item)
+            out.extend(b"e")
+        elif isinstance(o, dict):
+            out.extend(b"}(")
+            for k, v in o.items():
+                put(k)
+                put(v)
+            out.extend(b"u")
+        elif isinstance(o, np.ndarray):
+            assert o.dtype == np.uint8
+            out.extend(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n")
+            put((0,))
+            put(b"b")
+            out.extend(b"\x87R(")  # _reconstruct(ndarray, (0,), 'b'), then its state:
+            put(1)
+            put(o.shape)
+            out.extend(b"cnumpy\ndtype\n")
+            put((b"u1", 0, 1))
+            out.extend(b"R")
+            put((3, b"|", None, None, None, -1, -1, 0))
+            out.extend(b"b")  # the dtype's state
+            put(False)
+            put(o.tobytes())
+            out.extend(b"tb")  # the array's state
+        else:
+            raise TypeError(type(o))
+
+    put(obj)
+    return bytes(out + b".")
+
+
+def py2_batch(images, labels, name="training batch 1 of 5"):
+    return py2_pickle({b"batch_label": name.encode(), b"labels": [int(v) for v in labels],
+                       b"data": images.reshape(len(images), -1), b"filenames": [b"x_%d.png" % i for i in range(len(images))]})
+
+
+@pytest.fixture
+def cifar_python_dir(cifar_dir, tmp_path):
+    """The same records as ``cifar_dir``, as the python version's ``cifar-10-batches-py`` folder."""
+    _, expected = cifar_dir
+    folder = tmp_path / "py" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, (images, labels) in expected.items():
+        (folder / name.removesuffix(".bin")).write_bytes(py2_batch(images, labels))
+    (folder / "batches.meta").write_bytes(py2_pickle({b"label_names": [c.encode() for c in data.CIFAR10_CLASSES]}))
+    return folder, expected
+
+
+def test_python_batch_is_the_python2_stream_numpy_reads():
+    """The test's writer makes the stream numpy's own unpickling accepts, and the restricted reader decodes it alike."""
+    import pickle
+
+    _, images, labels = fake_records(3, seed=9)
+    raw = py2_batch(images, labels)
+    plain = pickle.loads(raw, encoding="latin1")  # trusted here: the test wrote it
+    assert np.array_equal(plain["data"], images.reshape(3, -1)) and plain["labels"] == labels.tolist()
+    got, got_labels = data._parse_pickle_batch(raw, "a batch", None)
+    assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_python_version_reads_back_exactly(cifar_python_dir, tmp_path, split):
+    folder, expected = cifar_python_dir
+    want_images, want_labels = expected_split(expected, split)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    for source in (folder, folder.parent, archive, tmp_path):  # the folder, its parent, the archive, its folder
+        images, labels = load_cifar10(source, split, records_per_file=None)
+        assert np.array_equal(images.numpy(), want_images) and np.array_equal(labels.numpy(), want_labels), source
+    out = extract_cifar10(archive, tmp_path / "out")
+    assert out == tmp_path / "out" / "cifar-10-batches-py"
+    assert sorted(p.name for p in out.iterdir()) == sorted([n.removesuffix(".bin") for n in COUNTS] + ["batches.meta"])
+    assert np.array_equal(load_cifar10(out, split, records_per_file=None)[0].numpy(), want_images)
+
+
+def test_python_batch_refuses_any_other_import(tmp_path):
+    """A pickle that would run a command is refused before the import is made: nothing runs."""
+    import os
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": Payload(), "labels": [0]}, protocol=2))
+    with pytest.raises(ValueError, match=r"refused: it asks to import (posix|os)\.system"):
+        load_cifar10(folder, "test", records_per_file=None)
+    assert not marker.exists()
+
+
+def test_python_batch_corrupt_or_foreign(tmp_path):
+    _, images, labels = fake_records(4, seed=2)
+    raw = py2_batch(images, labels)
+    parse = data._parse_pickle_batch
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        parse(raw[: len(raw) // 2], "cut", None)
+    with pytest.raises(ValueError, match="refused: an array of dtype"):  # float data: not CIFAR-10
+        parse(raw.replace(b"U\x02u1", b"U\x02f4"), "floats", None)
+    with pytest.raises(ValueError, match="labels up to 12"):
+        parse(py2_batch(images, [0, 1, 12, 3]), "labels", None)
+    with pytest.raises(ValueError, match="'labels' list of 4"):
+        parse(py2_batch(images, [0, 1, 2]), "short labels", None)
+    with pytest.raises(ValueError, match="holds 4 records, expected 10000"):
+        parse(raw, "few", 10000)
+    with pytest.raises(ValueError, match="no 'data' array"):
+        parse(py2_pickle({b"labels": [1]}), "no data", None)
 
 
 def test_extract_round_trip_and_refuses_path_traversal(cifar_dir, tmp_path):
