@@ -177,7 +177,7 @@ def markdown(results: dict, args, rows, features: cli.Features, reference_name: 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="google/ddpm-cifar10-32", help="diffusers-layout folder or name (local folder)")
+    parser.add_argument("--model", default="google/ddpm-cifar10-32", help="diffusers-layout folder, or a Hub name found as a local folder or in the Hugging Face cache")
     parser.add_argument("--download", action="store_true", help="let --model NAME download from the Hugging Face Hub")
     parser.add_argument("--num-images", type=int, default=None, help="samples per cell (default 50000; smoke: 4)")
     parser.add_argument("--batch-size", type=int, default=None, help="sampling batch (default 500; smoke: 4)")

@@ -599,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and per-batch shards so that a rerun with the same arguments resumes.")
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="a diffusers-layout folder, a state-dict file, or a Hugging Face name "
-                                       "(e.g. google/ddpm-cifar10-32, looked up as a local folder)")
+                                       "(e.g. google/ddpm-cifar10-32: a local folder of that name, else the Hugging Face cache)")
     which.add_argument("--checkpoint", help="a checkpoint of ddim_edu.image_training (its EMA weights are used)")
     s.add_argument("--config", help="JSON UNet config (diffusers config.json or UNetConfig fields) for --checkpoint "
                                     "or a single state-dict file (default: the CIFAR-10 UNet)")

@@ -350,18 +350,42 @@ def _load_diffusers_folder(folder: Path) -> UNet:
     raise FileNotFoundError(f"{folder} has {CONFIG_NAME} but no weights: expected {' or '.join(WEIGHTS_NAMES)}")
 
 
-def _download(repo_id: str, cache_dir) -> Path:
+def _download(repo_id: str, cache_dir, local_files_only: bool = False) -> Path | None:
+    """The diffusers folder of ``repo_id`` from the Hugging Face Hub, through its cache.
+
+    With ``local_files_only`` nothing is fetched: the folder of an earlier download, or None if the
+    cache (or huggingface_hub itself) has none.
+    """
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
+        if local_files_only:
+            return None
         raise ImportError("download=True needs the huggingface_hub package: pip install huggingface_hub") from None
     for weights in WEIGHTS_NAMES:  # safetensors first; the pickled .bin only if the repo has no safetensors
         patterns = [CONFIG_NAME, weights, f"unet/{CONFIG_NAME}", f"unet/{weights}"]
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
+        kwargs = {"local_files_only": True} if local_files_only else {}
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir, **kwargs))
+        except FileNotFoundError:  # huggingface_hub's LocalEntryNotFoundError: not in the cache
+            if local_files_only:
+                return None
+            raise
         found = _diffusers_folder(folder)
         if found is not None and (found / weights).is_file():
             return found
+    if local_files_only:
+        return None
     raise FileNotFoundError(f"the Hugging Face repo {repo_id!r} has no {CONFIG_NAME} with {' or '.join(WEIGHTS_NAMES)}")
+
+
+def find_cached(repo_id: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The diffusers folder of the Hub model ``repo_id`` in the Hugging Face cache (an earlier download), or None.
+
+    Nothing is fetched. ``cache_dir`` defaults to huggingface_hub's (``$HF_HUB_CACHE``, else
+    ``~/.cache/huggingface/hub``); without huggingface_hub installed the answer is None.
+    """
+    return _download(repo_id, cache_dir, local_files_only=True) if _REPO_ID.match(repo_id) else None
 
 
 def load_unet(path_or_name: str | Path, *, config: UNetConfig | None = None, download: bool = False,
@@ -372,8 +396,10 @@ def load_unet(path_or_name: str | Path, *, config: UNetConfig | None = None, dow
       under ``unet/``: the diffusers layout, its config read from config.json;
     - a file (``.safetensors``, or ``.ckpt``/``.pth``/``.pt``/``.bin`` read with ``weights_only=True``):
       a state dict in the reference, ours or diffusers layout, for the network ``config`` (default: CIFAR-10);
-    - a Hugging Face repo id such as ``"google/ddpm-cifar10-32"`` that is not a local folder: downloaded
-      with ``huggingface_hub.snapshot_download`` only if ``download=True``; otherwise FileNotFoundError
+    - a Hugging Face repo id such as ``"google/ddpm-cifar10-32"`` that is not a local folder: taken
+      from the Hugging Face cache (``cache_dir``, default ``$HF_HUB_CACHE`` or
+      ``~/.cache/huggingface/hub``) if an earlier download put it there, else downloaded with
+      ``huggingface_hub.snapshot_download`` only if ``download=True``; otherwise FileNotFoundError
       says which files to fetch and where to put them.
     """
     path = Path(path_or_name).expanduser()
@@ -391,10 +417,14 @@ def load_unet(path_or_name: str | Path, *, config: UNetConfig | None = None, dow
     name = str(path_or_name)
     if not _REPO_ID.match(name):
         raise FileNotFoundError(f"no such checkpoint file or model folder: {str(path)!r}")
+    cached = find_cached(name, cache_dir)
+    if cached is not None:
+        return _load_diffusers_folder(cached)
     if download:
         return _load_diffusers_folder(_download(name, cache_dir))
     raise FileNotFoundError(
-        f"{name!r} is not a local folder (looked for {path.resolve()}). Nothing is downloaded unless you ask: "
+        f"{name!r} is not a local folder (looked for {path.resolve()}) nor in the Hugging Face cache. "
+        f"Nothing is downloaded unless you ask: "
         f"either call load_unet({name!r}, download=True) (needs huggingface_hub and network access), or download "
         f"the two files {CONFIG_NAME} and {WEIGHTS_NAMES[0]} (or {WEIGHTS_NAMES[1]} if the repo has no safetensors) "
         f"from https://huggingface.co/{name} into the folder {path.resolve()} "

@@ -11,6 +11,7 @@ from ddim_edu.pretrained import (
     CheckpointError,
     config_from_diffusers,
     diffusers_config,
+    find_cached,
     load_unet,
     to_diffusers_state_dict,
     to_reference_state_dict,
@@ -264,6 +265,8 @@ def test_unsupported_diffusers_settings_are_named(tmp_path):
 
 def test_missing_folder_and_hub_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))  # not this machine's cache
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         load_unet(tmp_path / "nope" / "model.ckpt")
     with pytest.raises(FileNotFoundError) as info:
@@ -285,7 +288,9 @@ def test_download_only_when_asked(small_folder, tmp_path, monkeypatch):
     reference, folder = small_folder
     calls = []
 
-    def snapshot_download(repo_id, allow_patterns, cache_dir):
+    def snapshot_download(repo_id, allow_patterns, cache_dir, local_files_only=False):
+        if local_files_only:  # as an empty cache answers
+            raise FileNotFoundError("not in the cache")
         calls.append((repo_id, allow_patterns, cache_dir))
         return str(folder)
 
@@ -297,6 +302,32 @@ def test_download_only_when_asked(small_folder, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(ImportError, match="huggingface_hub"):
         load_unet("someone/small-ddpm", download=True)
+
+
+def test_hub_name_found_in_the_hugging_face_cache(small_folder, tmp_path, monkeypatch):
+    """A repo id that an earlier download put in the Hub cache loads offline without download=True.
+
+    The cache is written in its real layout (``models--<org>--<name>/refs/main`` naming a folder under
+    ``snapshots/``) and read by huggingface_hub itself, with ``cache_dir`` given and by default.
+    """
+    hub = pytest.importorskip("huggingface_hub")
+    reference, folder = small_folder
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--small-ddpm"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for name in ("config.json", WEIGHTS):
+        (repo / "snapshots" / commit / name).write_bytes((folder / name).read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.chdir(tmp_path)  # no folder named like the repo here
+    assert find_cached("someone/small-ddpm", tmp_path / "hub") == repo / "snapshots" / commit
+    assert find_cached("someone/other-ddpm", tmp_path / "hub") is None
+    model = load_unet("someone/small-ddpm", cache_dir=tmp_path / "hub")
+    assert torch.equal(model.conv_in.weight, reference.conv_in.weight)
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # what $HF_HUB_CACHE sets
+    assert torch.equal(load_unet("someone/small-ddpm").conv_in.weight, reference.conv_in.weight)
+    with pytest.raises(FileNotFoundError, match="nor in the Hugging Face cache"):
+        load_unet("someone/other-ddpm")
 
 
 # --- (e) the model contract on a small config ---------------------------------------------------
