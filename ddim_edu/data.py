@@ -125,7 +125,8 @@ def _uint8_dtype(spec, align=0, copy=1):
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """Reads a CIFAR-10 python batch and nothing else: any import but these three is refused before it is made."""
+    """Reads a CIFAR-10 python batch and nothing else: any import but numpy's array reconstruction, ndarray and
+    dtype (below, each replaced by a function that accepts only what a batch passes) is refused before it is made."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct_empty,  # written by numpy < 2
@@ -156,7 +157,7 @@ def _parse_pickle_batch(raw: bytes, where: str, records_per_file: int | None) ->
     labels = batch.get("labels") if isinstance(batch, dict) else None
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) == 0:
         raise ValueError(f"{where} has no 'data' array of uint8 [N, 3072]: not a CIFAR-10 python batch")
-    if not isinstance(labels, list) or len(labels) != len(data) or not all(type(v) is int and v >= 0 for v in labels):
+    if not isinstance(labels, list) or len(labels) != len(data) or not all(type(v) is int and 0 <= v < 2**31 for v in labels):
         raise ValueError(f"{where} has no 'labels' list of {len(data)} non-negative ints: not a CIFAR-10 python batch")
     return _checked_batch(data, np.asarray(labels, dtype=np.int64), where, records_per_file)
 
@@ -221,7 +222,7 @@ def _read_archive(archive: Path, split: str, records_per_file: int | None) -> li
         tar = tarfile.open(archive, "r:*")
     except (tarfile.TarError, OSError) as err:
         raise ValueError(f"{archive} is not a readable tar archive ({err}); expected {CIFAR10_URL}") from err
-    wanted = {f"{v.folder}/{name}": (v, name) for v in _VERSIONS for name in v.names(split)}
+    wanted = {f"{v.folder}/{name}" for v in _VERSIONS for name in v.names(split)}
     raw: dict[str, bytes] = {}
     with tar:
         try:
