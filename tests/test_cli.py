@@ -162,10 +162,17 @@ def write_samples(path, n=4, seed=0):
     return images
 
 
+def hide_torch_fidelity(monkeypatch):
+    """As if torch-fidelity were not installed: importing it, or the submodule we use, raises ImportError
+    (a submodule already imported stays in sys.modules and would be found without its package)."""
+    for name in ("torch_fidelity", "torch_fidelity.feature_extractor_inceptionv3"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def test_fid_command_says_what_to_install(tmp_path, monkeypatch, capsys):
     samples = tmp_path / "s.npz"
     write_samples(samples)
-    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed (an import of it raises)
+    hide_torch_fidelity(monkeypatch)
     assert cli.main(["fid", str(samples), "--stats", str(tmp_path / "st.npz")]) == 1
     err = capsys.readouterr().err
     assert "pip install torch-fidelity" in err and "torchvision" in err
@@ -415,7 +422,7 @@ def test_table1_fails_clearly_without_weights_or_fid_backend(tiny_model, tmp_pat
         bench.main(["--model", str(tmp_path / "no_such_model"), "--work-dir", str(tmp_path / "w")])
     assert exit_info.value.code == 1
     assert "cannot load the pretrained model" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    hide_torch_fidelity(monkeypatch)
     with pytest.raises(SystemExit):
         bench.main(["--model", str(tiny_model[0]), "--work-dir", str(tmp_path / "w")])
     assert "pip install torch-fidelity" in capsys.readouterr().err
