@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from .checks import check_int
 from .data import CIFAR10_URL, float_to_pixels, load_cifar10
 from .files import atomic_write
+from .interrupts import sigterm_as_keyboard_interrupt
 from .pretrained import config_from_diffusers, load_unet, unet_from_state_dict
 from .schedules import SPACINGS, linear_schedule
 from .solvers import ADAPTIVE, FINAL_STEPS, METHODS, SAMPLERS, noise_levels, sample
@@ -156,6 +157,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device=None) -> torch.device:
+    """``device`` (default: cuda if available, else cpu) as a torch.device that this torch can use, or CommandError."""
+    name = device or default_device()
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:  # unknown name, or a backend this build or machine lacks
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CommandError(f"--device {name!r} cannot be used here ({reason}); "
+                           f"this torch has CUDA: {torch.cuda.is_available()}; try --device cpu") from None
+    return device
+
+
 # --- randomness -----------------------------------------------------------------------------------
 
 
@@ -258,7 +272,11 @@ def sample_manifest(model: UNet, *, method: str, final_step: str, steps: int, et
 
 
 def check_manifest(out: Path, manifest: dict) -> None:
-    """Write ``out/manifest.json``, or refuse if the one there (or shards without one) is for other arguments."""
+    """Write ``out/manifest.json``, or refuse if the one there (or shards without one) is for other arguments.
+
+    A stored manifest for other arguments is replaced when no shard and no ``samples.npz`` were made
+    under it (a run that failed before its first batch), so a corrected rerun is not refused.
+    """
     path = out / "manifest.json"
     if not path.is_file():
         if any((out / "shards").glob("batch_*.npz")):
@@ -272,6 +290,9 @@ def check_manifest(out: Path, manifest: dict) -> None:
         raise CommandError(f"{path} cannot be read ({e}); use another --out folder or delete this one") from None
     keys = sorted((set(stored) | set(manifest)) - set(_INFO_KEYS))
     changed = [k for k in keys if stored.get(k) != manifest.get(k)]
+    if changed and not any((out / "shards").glob("batch_*.npz")) and not (out / "samples.npz").exists():
+        _save_json_atomic(path, manifest)  # an earlier run stopped before its first batch: nothing to protect
+        return
     if changed:
         def show(v):
             text = json.dumps(v)
@@ -329,7 +350,7 @@ def generate(
     if not isinstance(model, UNet):
         raise TypeError(f"model must be a ddim_edu UNet (its config defines the image shape), got {type(model).__name__}")
     out = Path(out)
-    device = torch.device(device or default_device())
+    device = resolve_device(device)
     schedule = linear_schedule()
     timesteps = schedule.timesteps(steps, spacing, **({} if t_min is None else {"t_min": t_min}))
     if method not in SAMPLERS:
@@ -341,8 +362,10 @@ def generate(
     check_manifest(out, manifest)
     samples = out / "samples.npz"
     num_batches = math.ceil(num_images / batch_size)
-    if samples.is_file() and not (out / "shards").is_dir():
-        return samples  # finished earlier, shards removed
+    if samples.is_file() and not (out / "shards").is_dir():  # finished earlier, shards removed
+        if grid:
+            save_grid(load_images(samples), out / "grid.png", grid)
+        return samples
 
     config = model.config
     shape = (config.in_channels, config.image_size, config.image_size)
@@ -574,7 +597,7 @@ def inception_features(weights=None, device=None) -> Features:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         raise CommandError(f"{weights} is not a plain state dict of tensors ({type(e).__name__}); download it again "
                            f"from {INCEPTION_WEIGHTS_URL}") from None
-    device = torch.device(device or default_device())
+    device = resolve_device(device)
     net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
     net = net.to(device).eval()
 
@@ -620,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--remove-shards", action="store_true", help="delete the shards once samples.npz is written")
     s.add_argument("--out", required=True, type=Path, help="output folder")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(run=_cmd_sample)
+    s.set_defaults(run=_cmd_sample, parser=s)
 
     f = sub.add_parser("fid", help="FID of an .npz of uint8 images against CIFAR-10 train statistics",
                        description="FID of uint8 images [N, H, W, 3] (key 'images') against the CIFAR-10 training set, "
@@ -633,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=250, help="images per forward pass (default 250)")
     f.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
-    f.set_defaults(run=_cmd_fid)
+    f.set_defaults(run=_cmd_fid, parser=f)
     return parser
 
 
@@ -672,14 +695,15 @@ def _cmd_fid(args, parser) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 bad arguments, 130 interrupted)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    command = args.parser  # the subcommand's parser: its usage and name head the errors
     try:
-        return args.run(args, parser)
-    except KeyboardInterrupt:
+        with sigterm_as_keyboard_interrupt():
+            return args.run(args, command)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from a job scheduler
         where = f"; the finished batches are in {args.out / 'shards'}, rerun the same command to resume" if args.command == "sample" else ""
         print(f"\ninterrupted{where}", file=sys.stderr)
         return 130
     except (CommandError, FileNotFoundError, ValueError, ImportError) as e:
-        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command.prog}: error: {e}", file=sys.stderr)
         return 1

@@ -25,8 +25,6 @@ horizontal flips, batch 128. :func:`train_image_model` does this for any ``nn.Mo
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from .checks import check_int
 from .data import float_to_pixels, pixels_to_float
 from .files import atomic_write
 from .forward import q_sample
+from .interrupts import sigterm_as_keyboard_interrupt
 from .schedules import Schedule
 from .solvers import sample
 from .training import simple_loss
@@ -67,18 +66,6 @@ class ImageTrainResult:
     step: int
     seconds: float
     images_per_second: float
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _sigterm_as_keyboard_interrupt():
-    """Route SIGTERM to KeyboardInterrupt (the checkpointing path); returns the handler to restore, or
-    None where handlers cannot be set (outside the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
 
 def linear_warmup(step: int, warmup: int) -> float:
@@ -393,58 +380,56 @@ def train_image_model(
     bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc="training", leave=False)
     model.train()
     start = time.perf_counter()
-    previous_sigterm = _sigterm_as_keyboard_interrupt()
-    try:
-        while step < steps:
-            between_steps = False
-            # one global batch: indices, flips, then (in shard_loss) t and ε, all from `generator`
-            idx = torch.randint(0, data.shape[0], (batch_size,), generator=generator)[lo:lo + share]
-            flip = (torch.rand(batch_size, generator=generator) < 0.5)[lo:lo + share] if hflip else None
-            x0 = data[idx.to(data.device)].to(device, non_blocking=True)
-            x0 = pixels_to_float(x0) if x0.dtype == torch.uint8 else x0.float()
-            if flip is not None:
-                x0 = torch.where(flip.to(device)[:, None, None, None], x0.flip(-1), x0)
-            x0 = x0.contiguous(memory_format=memory_format)
-            if world > 1:
-                torch.manual_seed(rank_step_seed(seed, rank, step))  # this rank's dropout masks
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                if world == 1:
-                    loss = simple_loss(forward, x0, schedule, generator)
-                else:
-                    loss = shard_loss(forward, x0, schedule, generator, batch_size, lo)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # DDP: gradients averaged over ranks here
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            scheduler.step()
-            averaged.update_parameters(model)
-            loss = _global_mean(loss, world)
-            losses[step - start_step] = loss
-            step += 1
-            between_steps = True
+    with sigterm_as_keyboard_interrupt():
+        try:
+            while step < steps:
+                between_steps = False
+                # one global batch: indices, flips, then (in shard_loss) t and ε, all from `generator`
+                idx = torch.randint(0, data.shape[0], (batch_size,), generator=generator)[lo:lo + share]
+                flip = (torch.rand(batch_size, generator=generator) < 0.5)[lo:lo + share] if hflip else None
+                x0 = data[idx.to(data.device)].to(device, non_blocking=True)
+                x0 = pixels_to_float(x0) if x0.dtype == torch.uint8 else x0.float()
+                if flip is not None:
+                    x0 = torch.where(flip.to(device)[:, None, None, None], x0.flip(-1), x0)
+                x0 = x0.contiguous(memory_format=memory_format)
+                if world > 1:
+                    torch.manual_seed(rank_step_seed(seed, rank, step))  # this rank's dropout masks
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    if world == 1:
+                        loss = simple_loss(forward, x0, schedule, generator)
+                    else:
+                        loss = shard_loss(forward, x0, schedule, generator, batch_size, lo)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # DDP: gradients averaged over ranks here
+                if grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                scheduler.step()
+                averaged.update_parameters(model)
+                loss = _global_mean(loss, world)
+                losses[step - start_step] = loss
+                step += 1
+                between_steps = True
 
-            if callback is not None:
-                callback(step - 1, loss, model, averaged.module)
-            if rank == 0 and checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
+                if callback is not None:
+                    callback(step - 1, loss, model, averaged.module)
+                if rank == 0 and checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
+                    save_checkpoint(checkpoint, make_checkpoint(all_losses()))
+                    saved_step = step
+                if sample_noise is not None and (step % sample_every == 0 or step == steps):
+                    save_samples()
+                bar.update(1)
+                if progress and rank == 0 and (step % 25 == 0 or step == steps):
+                    done = step - start_step
+                    recent = losses[max(0, done - 50):done].mean().item()
+                    rate = done * batch_size / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{recent:.4f}", img_s=f"{rate:.0f}")
+        except KeyboardInterrupt:
+            if rank == 0 and checkpoint is not None and between_steps and step > saved_step:
                 save_checkpoint(checkpoint, make_checkpoint(all_losses()))
-                saved_step = step
-            if sample_noise is not None and (step % sample_every == 0 or step == steps):
-                save_samples()
-            bar.update(1)
-            if progress and rank == 0 and (step % 25 == 0 or step == steps):
-                done = step - start_step
-                recent = losses[max(0, done - 50):done].mean().item()
-                rate = done * batch_size / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{recent:.4f}", img_s=f"{rate:.0f}")
-    except KeyboardInterrupt:
-        if rank == 0 and checkpoint is not None and between_steps and step > saved_step:
-            save_checkpoint(checkpoint, make_checkpoint(all_losses()))
-        raise
-    finally:
-        bar.close()
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+            raise
+        finally:
+            bar.close()
     seconds = time.perf_counter() - start
     if world > 1:
         dist.barrier()  # rank 0's files are complete when any rank returns

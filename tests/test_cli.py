@@ -447,3 +447,66 @@ def test_sample_final_step(tiny_model, tmp_path, capsys):
         run_sample(folder, tmp_path / "x", "--method", "ddim", "--final-step", "extrapolate")
     assert "applies to the ODE methods" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_sample_errors_name_the_subcommand_and_unusable_devices(tiny_model, tmp_path, capsys):
+    folder, _ = tiny_model
+    with pytest.raises(SystemExit):
+        run_sample(folder, tmp_path / "x", "--method", "heun", "--eta", "0.5")
+    assert "python -m ddim_edu sample: error:" in capsys.readouterr().err  # the subcommand's usage, not the top level's
+    for device in ("foo", "cuda:99" if torch.cuda.is_available() else "cuda"):
+        args = ["sample", "--model", str(folder), "--steps", "2", "--num-images", "2", "--device", device, "--quiet",
+                "--out", str(tmp_path / device.replace(":", "_"))]
+        assert cli.main(args) == 1
+        err = capsys.readouterr().err
+        assert f"--device {device!r} cannot be used here" in err and "--device cpu" in err
+        assert not (tmp_path / device.replace(":", "_")).exists()  # refused before the folder is made
+
+
+def test_sample_failed_before_any_batch_does_not_block_the_corrected_rerun(tiny_model, tmp_path, capsys):
+    """A run that fails after writing its manifest but before any batch (here: extrapolation with one timestep)
+    leaves nothing to protect, so the corrected command is not refused as 'other arguments'."""
+    folder, _ = tiny_model
+    out = tmp_path / "run"
+    assert run_sample(folder, out, "--method", "euler", "--final-step", "extrapolate", steps=1) == 1
+    assert "at least 2 timesteps" in capsys.readouterr().err
+    assert (out / "manifest.json").is_file() and not (out / "shards").exists()
+    assert run_sample(folder, out, "--method", "euler", "--final-step", "extrapolate", steps=2) == 0
+    assert json.loads((out / "manifest.json").read_text())["steps"] == 2
+    assert run_sample(folder, out, "--method", "euler", steps=3) == 1  # with samples made, other arguments are refused
+    assert "steps: stored 2, given 3" in capsys.readouterr().err
+
+
+def test_sample_rerun_after_removing_shards_writes_the_requested_grid(tiny_model, tmp_path):
+    import matplotlib.image
+
+    folder, _ = tiny_model
+    out = tmp_path / "run"
+    assert cli.main(["sample", "--model", str(folder), "--steps", "2", "--num-images", "4", "--batch-size", "2",
+                     "--grid", "0", "--remove-shards", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
+    assert not (out / "grid.png").exists()
+    assert cli.main(["sample", "--model", str(folder), "--steps", "2", "--num-images", "4", "--batch-size", "2",
+                     "--grid", "4", "--remove-shards", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
+    assert matplotlib.image.imread(out / "grid.png").shape[:2] == (22, 22)  # 4 images of 8×8 in a 2×2 grid
+
+
+def test_sample_sigterm_is_ctrl_c(tiny_model, tmp_path, monkeypatch, capsys):
+    """SIGTERM (a job scheduler stopping the run) ends like Ctrl-C: exit 130 with the resume hint; the handler is restored."""
+    import os
+    import signal
+
+    folder, _ = tiny_model
+    real, calls = cli.sample_batch, []
+
+    def terminate_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "sample_batch", terminate_second)
+    assert run_sample(folder, tmp_path / "run") == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert [p.name for p in (tmp_path / "run" / "shards").iterdir()] == ["batch_00000.npz"]
