@@ -126,8 +126,8 @@ def load_checkpoint_ema(path, config: UNetConfig | None = None) -> UNet:
     """The EMA weights of a :func:`ddim_edu.image_training.train_image_model` checkpoint as a UNet (eval mode).
 
     The file is read with ``torch.load(..., weights_only=True)``; its ``"ema"`` entry is the state
-    dict of the bare model. A checkpoint stores no architecture: ``config`` (default: the CIFAR-10
-    UNet) must be the one trained.
+    dict of the bare model. The architecture is ``config`` if given, else the one the trainer stored
+    with a UNet (``"unet_config"``), else the CIFAR-10 UNet.
     """
     path = Path(path)
     if not path.is_file():
@@ -140,6 +140,12 @@ def load_checkpoint_ema(path, config: UNetConfig | None = None) -> UNet:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("ema"), dict):
         raise CommandError(f"{path} is not a checkpoint of ddim_edu.image_training (no 'ema' state dict); "
                            "for a plain state dict or a diffusers folder use --model")
+    stored = checkpoint.get("unet_config")
+    if config is None and stored is not None:
+        try:
+            config = UNetConfig(**stored)
+        except (TypeError, ValueError) as e:
+            raise CommandError(f"{path} stores a UNet config that cannot be used ({e}); pass --config") from None
     return unet_from_state_dict(checkpoint["ema"], config, source=f"{path} (EMA weights)")
 
 
@@ -625,7 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(e.g. google/ddpm-cifar10-32: a local folder of that name, else the Hugging Face cache)")
     which.add_argument("--checkpoint", help="a checkpoint of ddim_edu.image_training (its EMA weights are used)")
     s.add_argument("--config", help="JSON UNet config (diffusers config.json or UNetConfig fields) for --checkpoint "
-                                    "or a single state-dict file (default: the CIFAR-10 UNet)")
+                                    "or a single state-dict file (default: the config a training checkpoint stores, "
+                                    "else the CIFAR-10 UNet)")
     s.add_argument("--download", action="store_true", help="let --model NAME download from the Hugging Face Hub")
     s.add_argument("--method", default="ddim", help=f"sampling method (default ddim). {method_listing()}")
     s.add_argument("--steps", type=int, default=50, help="S, the length of the sub-sequence τ (default 50)")

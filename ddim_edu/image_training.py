@@ -8,8 +8,10 @@ horizontal flips, batch 128. :func:`train_image_model` does this for any ``nn.Mo
 
 - all randomness of a step (minibatch indices, flips, timesteps t, noise ε) comes from one
   ``torch.Generator`` seeded with ``seed``, drawn for the whole (global) batch in a fixed order;
-- checkpoints hold model, EMA, optimiser, lr scheduler, step, loss history and the random states
-  (torch's CPU and CUDA generators and the data generator) as plain tensors, so
+- checkpoints hold model, EMA, optimiser, lr scheduler, step, loss history, the random states
+  (torch's CPU and CUDA generators and the data generator) and, for a :class:`~ddim_edu.unet.UNet`,
+  its config (so that ``python -m ddim_edu sample --checkpoint`` needs no ``--config``), as plain
+  tensors and Python values, so
   ``torch.load(path, weights_only=True)`` reads them; they are written atomically (temporary file
   in the same folder, fsync, ``os.replace``), so a crash or Ctrl-C never leaves a torn file;
 - resuming is exact: on a CPU, N steps, stop, resume, N more steps give the same bits as 2N steps;
@@ -27,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,7 @@ from .interrupts import sigterm_as_keyboard_interrupt
 from .schedules import Schedule
 from .solvers import sample
 from .training import simple_loss
+from .unet import UNetConfig
 
 CHECKPOINT_FORMAT = "ddim_edu.image_training/1"
 _CHECKPOINT_KEYS = ("format", "step", "model", "ema", "ema_n_averaged", "optimizer", "scheduler", "rng", "losses", "config")
@@ -267,7 +270,7 @@ def train_image_model(
     DDPM's (Adam, so ``weight_decay = 0``); ``steps`` = 800k is its CIFAR-10 run.
 
     ``checkpoint``: a file path. If it exists, training resumes from it (the hyperparameters above
-    must match the ones stored, ``steps`` may grow) and continues to ``steps`` in total; it is
+    must match the ones stored, ``steps`` may grow, not shrink) and continues to ``steps`` in total; it is
     rewritten every ``checkpoint_every`` steps, at the end, and on Ctrl-C between steps. Files are
     written by rank 0 only; under DDP every rank reads the checkpoint, so it must be on a shared
     file system. ``sample_dir``: every ``sample_every`` steps and at the end, ``n_samples`` DDIM
@@ -306,6 +309,13 @@ def train_image_model(
     params = list(model.parameters())
     if not params:
         raise ValueError("model has no parameters to train")
+    unet_config = getattr(model, "config", None) if isinstance(getattr(model, "config", None), UNetConfig) else None
+    if unet_config is not None and tuple(data.shape[1:]) != (unet_config.in_channels, unet_config.image_size, unet_config.image_size):
+        raise ValueError(f"data are images {tuple(data.shape[1:])} but the UNet takes "
+                         f"{(unet_config.in_channels, unet_config.image_size, unet_config.image_size)}: resize the data or "
+                         "change UNetConfig(in_channels=..., image_size=...)")
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        raise ValueError(f"checkpoint {checkpoint} is a folder; pass a file path such as {Path(checkpoint) / 'checkpoint.pt'}")
     device = params[0].device
     on_cuda = device.type == "cuda"
     use_bf16 = bf16 and on_cuda and torch.cuda.is_bf16_supported()
@@ -322,10 +332,15 @@ def train_image_model(
         if changed:
             raise ValueError(f"checkpoint {checkpoint} was made with other settings, (stored, given): {changed}; "
                              "pass the stored values or use a new checkpoint path")
+        if int(resume["step"]) > steps:
+            raise ValueError(f"checkpoint {checkpoint} is at step {int(resume['step'])}, past steps={steps} (steps counts "
+                             "from the start of training): pass a larger steps, or a new checkpoint path to start over")
         try:
             model.load_state_dict(resume["model"])
         except RuntimeError as err:
-            raise ValueError(f"checkpoint {checkpoint} does not fit this model: {str(err).splitlines()[0]}") from err
+            details = [line.strip()[:300] for line in str(err).splitlines()[1:] if line.strip()]
+            raise ValueError(f"checkpoint {checkpoint} was trained with another architecture than this model's: "
+                             + "; ".join(details[:4])) from err
     if memory_format == torch.channels_last:
         model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
@@ -355,7 +370,8 @@ def train_image_model(
         return {"format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(),
                 "ema": averaged.module.state_dict(), "ema_n_averaged": averaged.n_averaged.detach().cpu(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(generator), "losses": losses, "config": config}
+                "rng": _rng_state(generator), "losses": losses, "config": config,
+                **({"unet_config": asdict(unet_config)} if unet_config is not None else {})}
 
     sample_noise = None
     if sample_dir is not None and rank == 0:

@@ -193,10 +193,34 @@ def test_corrupt_checkpoint_gives_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
     ckpt.write_bytes(good)
-    with pytest.raises(ValueError, match="does not fit this model"):
+    with pytest.raises(ValueError, match=r"another architecture .*size mismatch for inp\.weight"):
         train_image_model(TinyEps(width=4), DATA, SCHED, steps=2, checkpoint=ckpt, **FAST)
     with pytest.raises(ValueError, match="other settings"):
         train_image_model(tiny_model(0), DATA, SCHED, steps=2, checkpoint=ckpt, **{**FAST, "batch_size": 8})
+    train_image_model(tiny_model(0), DATA, SCHED, steps=3, checkpoint=ckpt, **FAST)
+    with pytest.raises(ValueError, match=r"at step 3, past steps=2 \(steps counts from the start"):
+        train_image_model(tiny_model(0), DATA, SCHED, steps=2, checkpoint=ckpt, **FAST)
+    assert load_checkpoint(ckpt)["step"] == 3  # untouched
+    with pytest.raises(ValueError, match="is a folder"):
+        train_image_model(tiny_model(0), DATA, SCHED, steps=2, checkpoint=tmp_path, **FAST)
+
+
+def test_unet_checkpoint_stores_its_config_and_data_must_fit(tmp_path):
+    """A UNet's config travels with the checkpoint (the CLI samples from it without --config); data of another
+    image size than the UNet's is refused before training."""
+    from ddim_edu import cli
+    from ddim_edu.unet import UNet, UNetConfig
+
+    config = UNetConfig(image_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                        norm_groups=8, dropout=0.0)
+    torch.manual_seed(0)
+    result = train_image_model(UNet(config), DATA, SCHED, steps=2, checkpoint=tmp_path / "u.pt", **FAST)
+    assert UNetConfig(**load_checkpoint(tmp_path / "u.pt")["unet_config"]) == config
+    ema = cli.load_checkpoint_ema(tmp_path / "u.pt")  # no config given
+    assert ema.config == config and all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), result.ema.state_dict().values()))
+    with pytest.raises(ValueError, match=r"data are images \(3, 8, 8\) but the UNet takes \(3, 16, 16\)"):
+        train_image_model(UNet(UNetConfig(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                          attention_resolutions=(8,), norm_groups=8)), DATA, SCHED, steps=1, **FAST)
 
 
 def test_sample_grids_are_written(tmp_path):
