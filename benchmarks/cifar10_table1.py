@@ -89,6 +89,22 @@ def fail(message: str) -> None:
     raise SystemExit(1)
 
 
+def check_args(args) -> None:
+    """Every argument checked before the model, the data or the FID statistics are touched."""
+    if args.num_images < 2:
+        fail("--num-images must be at least 2 (FID needs a covariance)")
+    if args.batch_size < 1 or args.fid_batch_size < 1:
+        fail("--batch-size and --fid-batch-size must be at least 1")
+    try:
+        for eta in args.etas:
+            cli.check_method("ddim", eta, "euler")
+        for S in args.steps:
+            linear_schedule().timesteps(S, args.spacing)
+        cli.resolve_device(args.device)
+    except (cli.CommandError, ValueError) as e:
+        fail(str(e))
+
+
 def setup(args):
     """Model, features and reference statistics, all checked before anything is sampled."""
     if args.smoke:
@@ -178,10 +194,11 @@ def markdown(results: dict, args, rows, features: cli.Features, reference_name: 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="google/ddpm-cifar10-32", help="diffusers-layout folder, or a Hub name found as a local folder or in the Hugging Face cache")
-    parser.add_argument("--download", action="store_true", help="let --model NAME download from the Hugging Face Hub")
+    parser.add_argument("--download", action="store_true", help="let --model NAME download from the Hugging Face Hub "
+                                                                 "(needs huggingface_hub: the hub extra)")
     parser.add_argument("--num-images", type=int, default=None, help="samples per cell (default 50000; smoke: 4)")
     parser.add_argument("--batch-size", type=int, default=None, help="sampling batch (default 500; smoke: 4)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of η > 0's noise (default 0)")
     parser.add_argument("--spacing", default="quad", choices=SPACINGS, help="τ (default quad, as the paper for CIFAR-10)")
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="the S columns (default 10 20 50 100 1000)")
     parser.add_argument("--etas", type=float, nargs="+", default=list(ETAS), help="the η rows (default 0 0.2 0.5 1)")
@@ -192,12 +209,14 @@ def parse_args(argv=None):
     parser.add_argument("--stats", type=Path, default=None, help="cache of the CIFAR-10 FID statistics")
     parser.add_argument("--cifar10", default=None, help="CIFAR-10 archive (binary or python version) or its folder (needed once for the statistics)")
     parser.add_argument("--inception-weights", type=Path, default=None, help="torch-fidelity's Inception weights file")
-    parser.add_argument("--fid-batch-size", type=int, default=250)
+    parser.add_argument("--fid-batch-size", type=int, default=250, help="images per Inception forward pass (default 250)")
     parser.add_argument("--smoke", action="store_true", help="the whole grid on a tiny random UNet with stand-in FID features")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    args.num_images = args.num_images or (4 if args.smoke else 50000)
-    args.batch_size = args.batch_size or (4 if args.smoke else 500)
+    if args.num_images is None:
+        args.num_images = 4 if args.smoke else 50000
+    if args.batch_size is None:
+        args.batch_size = 4 if args.smoke else 500
     args.work_dir = args.work_dir or ROOT / "outputs" / ("cifar10_table1_smoke" if args.smoke else "cifar10_table1")
     args.out = args.out or (args.work_dir / "table1.md" if args.smoke else ROOT / "docs" / "cifar10_table1.md")
     return args
@@ -205,8 +224,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    if args.num_images < 2:
-        fail("--num-images must be at least 2 (FID needs a covariance)")
+    check_args(args)
     model, source, features, reference, reference_name = setup(args)
     weights = cli.weights_sha256(model)
     rows = [*args.etas, *([] if args.no_sigma_hat else [SIGMA_HAT])]

@@ -565,12 +565,21 @@ INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
 INCEPTION_FEATURES_NAME = "torch-fidelity-inception-v3-2015-12-05-pool3"
-INSTALL_HINT = (
-    "Install torch-fidelity (pip install torch-fidelity). It imports torchvision, which must be the build made "
-    "for your torch: from PyPI, `pip install torch torchvision torch-fidelity` installs a matching pair; with a "
-    "CPU-only torch such as 2.13.0+cpu, install the torchvision build from the same package index as that torch "
-    "(the PyPI torchvision wheel fails to import beside it: 'operator torchvision::nms does not exist')."
-)
+def paired_torchvision(torch_version: str = torch.__version__) -> str:
+    """The torchvision release made for a torch 2.x release: 0.(minor + 15), e.g. torch 2.13 → torchvision 0.28."""
+    major, minor = (int(part) for part in torch_version.split("+")[0].split(".")[:2])
+    return f"0.{minor + 15}" if major == 2 else "the release listed for your torch at https://pytorch.org/get-started/previous-versions/"
+
+
+def fid_install_hint() -> str:
+    """How to install the FID backend without pip replacing the installed torch."""
+    tv = paired_torchvision()
+    pin = f'"torchvision=={tv}.*"' if tv[0].isdigit() else "torchvision"
+    return (f"Install torch-fidelity with the torchvision made for your torch {torch.__version__}, so that pip keeps "
+            f"your torch: pip install torch-fidelity {pin} (a bare `pip install torch-fidelity` may replace torch with "
+            f"the newest, CUDA build). With a CPU-only build of torch (+cpu), take that torchvision from the same "
+            f"index: pip install {pin} --index-url https://download.pytorch.org/whl/cpu, then pip install "
+            f"torch-fidelity (PyPI's torchvision fails beside it: 'operator torchvision::nms does not exist').")
 
 
 def default_inception_weights() -> Path:
@@ -585,12 +594,18 @@ def inception_features(weights=None, device=None) -> Features:
     :func:`default_inception_weights`); otherwise :class:`FIDBackendMissing` says what to fetch and where.
     """
     try:
+        import torchvision  # noqa: F401  (torch-fidelity imports it; a build for another torch fails here)
+    except (ImportError, RuntimeError, OSError) as e:
+        what = "is not installed" if isinstance(e, ImportError) else f"does not fit torch {torch.__version__}"
+        raise FIDBackendMissing(f"the FID features need torch-fidelity, which needs torchvision; torchvision {what} "
+                                f"({type(e).__name__}: {e}). {fid_install_hint()}") from None
+    try:
         from torch_fidelity.feature_extractor_inceptionv3 import (
             FeatureExtractorInceptionV3,
         )
-    except (ImportError, RuntimeError, OSError) as e:  # RuntimeError: a torchvision build that does not fit torch
+    except (ImportError, RuntimeError, OSError) as e:
         raise FIDBackendMissing(f"the FID features need torch-fidelity, which cannot be imported here "
-                                f"({type(e).__name__}: {e}). {INSTALL_HINT}") from None
+                                f"({type(e).__name__}: {e}). {fid_install_hint()}") from None
     weights = Path(weights) if weights is not None else default_inception_weights()
     if not weights.is_file():
         raise FIDBackendMissing(
@@ -633,7 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="JSON UNet config (diffusers config.json or UNetConfig fields) for --checkpoint "
                                     "or a single state-dict file (default: the config a training checkpoint stores, "
                                     "else the CIFAR-10 UNet)")
-    s.add_argument("--download", action="store_true", help="let --model NAME download from the Hugging Face Hub")
+    s.add_argument("--download", action="store_true", help="let --model NAME download from the Hugging Face Hub "
+                                                            "(needs huggingface_hub: the hub extra)")
     s.add_argument("--method", default="ddim", help=f"sampling method (default ddim). {method_listing()}")
     s.add_argument("--steps", type=int, default=50, help="S, the length of the sub-sequence τ (default 50)")
     s.add_argument("--eta", type=float, default=0.0, help="η of Eq 16 for --method ddim: 0 DDIM, 1 DDPM (default 0)")
@@ -654,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fid", help="FID of an .npz of uint8 images against CIFAR-10 train statistics",
                        description="FID of uint8 images [N, H, W, 3] (key 'images') against the CIFAR-10 training set, "
-                                   "with torch-fidelity's Inception-v3 pool3 features (see INSTALL in the error if missing).")
+                                   "with torch-fidelity's Inception-v3 pool3 features (the error says what to install if it is missing).")
     f.add_argument("samples", type=Path, help=".npz of uint8 images [N, H, W, 3]")
     f.add_argument("--stats", type=Path, default=None, help="cache of the CIFAR-10 statistics (default ~/.cache/ddim_edu/...)")
     f.add_argument("--cifar10", default=None, help=f"CIFAR-10 archive (binary or python version) or its folder, needed once to compute the "
@@ -692,6 +708,9 @@ def _cmd_sample(args, parser) -> int:
 
 def _cmd_fid(args, parser) -> int:
     images = load_images(args.samples)
+    if images.shape[1:3] != (32, 32):
+        print(f"warning: {args.samples} holds {images.shape[1]}×{images.shape[2]} images; CIFAR-10's are 32×32, so the "
+              "FID (computed after resizing both to the Inception input) is not comparable to published ones", file=sys.stderr)
     features = inception_features(args.inception_weights, args.device)
     reference = cifar10_statistics(features, args.stats, cifar10=args.cifar10, batch_size=args.batch_size,
                                    progress=not args.quiet)

@@ -73,7 +73,7 @@ def _missing(where: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"CIFAR-10 not found: {where}. Nothing is downloaded automatically; fetch the binary version "
         f"(about 163 MB) once with\n    curl -O {CIFAR10_URL}\nthen pass its path (the .tar.gz itself, "
-        f"or the extracted '{CIFAR10_FOLDER}' folder) as `path`, or set the environment variable "
+        f"or the extracted '{CIFAR10_FOLDER}' folder) as `path` (--cifar10 on the command line), or set the environment variable "
         f"{CIFAR10_ENV}=/path/to/cifar-10-binary.tar.gz. The python version ({CIFAR10_PYTHON_URL}, "
         f"or torchvision's '{CIFAR10_PYTHON_FOLDER}' folder) is read too."
     )

@@ -42,8 +42,8 @@ listing all of them, and a corrupt file raises it too. Only safetensors files an
 
 3. **ours**: ``torch.save(unet.state_dict(), path)`` or ``safetensors.torch.save_file``, read the same way.
 
-``safetensors`` is needed at run time for ``.safetensors`` files (diffusers installs it; without
-diffusers: ``pip install safetensors``), ``huggingface_hub`` only for ``download=True``.
+``safetensors`` is a dependency of the package; ``huggingface_hub`` (the ``hub`` extra; diffusers
+installs it too) is needed only for ``download=True`` and to look in the Hugging Face cache.
 """
 from __future__ import annotations
 
@@ -257,6 +257,9 @@ def unet_from_state_dict(state_dict: Mapping[str, Tensor], config: UNetConfig | 
                     "epoch, step(, ema)]. Load it with torch.load(path, weights_only=True) and pass the state "
                     "dict you want (states[-1] is the EMA, the weights to sample with) to unet_from_state_dict.")
         raise CheckpointError(f"{source} holds a {type(state_dict).__name__}, not a state dict of tensors.{hint}")
+    if isinstance(state_dict.get("ema"), dict) and "step" in state_dict:
+        raise CheckpointError(f"{source} is a training checkpoint of ddim_edu.image_training, not a state dict: "
+                              "sample from its EMA weights with --checkpoint (in Python, cli.load_checkpoint_ema)")
     bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(f"{source}: " + _listing("entries that are not named tensors", [repr(k) for k in bad]))
@@ -299,7 +302,8 @@ def unet_from_state_dict(state_dict: Mapping[str, Tensor], config: UNetConfig | 
             parts.append(_listing("unexpected keys", unexpected))
         if mismatched:
             parts.append(_listing("shape mismatches", mismatched))
-        parts.append("A checkpoint without config.json needs the matching config= (the default is the CIFAR-10 UNetConfig()).")
+        parts.append("A checkpoint without config.json needs the matching config= (--config on the command line; "
+                     "the default is the CIFAR-10 UNetConfig()).")
         raise CheckpointError("\n".join(parts))
     model.load_state_dict(converted, strict=True)
     return model.eval()
@@ -409,7 +413,8 @@ def load_unet(path_or_name: str | Path, *, config: UNetConfig | None = None, dow
             raise FileNotFoundError(f"{path} is not a diffusers model folder: it has no {CONFIG_NAME} (nor unet/{CONFIG_NAME}) "
                                     f"next to {' or '.join(WEIGHTS_NAMES)}")
         if config is not None:
-            raise ValueError("config= is for single checkpoint files; a diffusers folder's config.json defines the model")
+            raise ValueError("config= (--config on the command line) is for single checkpoint files; "
+                             "a diffusers folder's config.json defines the model")
         return _load_diffusers_folder(folder)
     if path.is_file():
         return unet_from_state_dict(read_state_dict(path), config, source=str(path))
@@ -425,9 +430,10 @@ def load_unet(path_or_name: str | Path, *, config: UNetConfig | None = None, dow
     raise FileNotFoundError(
         f"{name!r} is not a local folder (looked for {path.resolve()}) nor in the Hugging Face cache. "
         f"Nothing is downloaded unless you ask: "
-        f"either call load_unet({name!r}, download=True) (needs huggingface_hub and network access), or download "
+        f"either call load_unet({name!r}, download=True) (on the command line: --download; needs huggingface_hub "
+        f"and network access), or download "
         f"the two files {CONFIG_NAME} and {WEIGHTS_NAMES[0]} (or {WEIGHTS_NAMES[1]} if the repo has no safetensors) "
         f"from https://huggingface.co/{name} into the folder {path.resolve()} "
-        f"(e.g. `huggingface-cli download {name} {CONFIG_NAME} {WEIGHTS_NAMES[0]} --local-dir {name}`), "
+        f"(e.g. `hf download {name} {CONFIG_NAME} {WEIGHTS_NAMES[0]} --local-dir {name}`, the Hub's command line), "
         f"or pass the path of a folder holding them."
     )

@@ -175,7 +175,17 @@ def test_fid_command_says_what_to_install(tmp_path, monkeypatch, capsys):
     hide_torch_fidelity(monkeypatch)
     assert cli.main(["fid", str(samples), "--stats", str(tmp_path / "st.npz")]) == 1
     err = capsys.readouterr().err
-    assert "pip install torch-fidelity" in err and "torchvision" in err
+    assert "8×8 images; CIFAR-10's are 32×32" in err  # write_samples makes 8×8 images
+    pin = f'"torchvision=={cli.paired_torchvision()}.*"'
+    assert f"pip install torch-fidelity {pin}" in err and "--index-url https://download.pytorch.org/whl/cpu" in err
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # torchvision missing: said first
+    assert cli.main(["fid", str(samples), "--stats", str(tmp_path / "st.npz")]) == 1
+    assert "needs torchvision; torchvision is not installed" in capsys.readouterr().err
+
+
+def test_paired_torchvision_releases():
+    """torchvision 0.(minor + 15) is made for torch 2.minor (the pairs on PyPI, e.g. 2.9.1/0.24.1, 2.14.1/0.29.1)."""
+    assert [cli.paired_torchvision(v) for v in ("2.0.1", "2.9.1", "2.13.0+cpu", "2.14.1")] == ["0.15", "0.24", "0.28", "0.29"]
 
 
 def test_fid_command_says_which_weights_to_fetch(tmp_path, monkeypatch, capsys):
@@ -184,6 +194,7 @@ def test_fid_command_says_which_weights_to_fetch(tmp_path, monkeypatch, capsys):
     module = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
     module.FeatureExtractorInceptionV3 = lambda *a, **k: pytest.fail("must not be built without weights")
     package.feature_extractor_inceptionv3 = module
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
     monkeypatch.setitem(sys.modules, "torch_fidelity", package)
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", module)
     samples = tmp_path / "s.npz"
@@ -235,7 +246,7 @@ def test_fid_equals_torch_fidelity_on_the_same_images(tmp_path, monkeypatch):
     try:
         import torch_fidelity
     except (ImportError, RuntimeError, OSError) as e:
-        pytest.skip(f"torch-fidelity cannot be imported here ({type(e).__name__}): {cli.INSTALL_HINT}")
+        pytest.skip(f"torch-fidelity cannot be imported here ({type(e).__name__}): {cli.fid_install_hint()}")
     weights = random_inception_weights(tmp_path / "inception.pth", monkeypatch)
     train = write_cifar_folder(tmp_path / "cifar-10-batches-bin", per_file=4)  # 20 training images
     rng = np.random.default_rng(5)
@@ -374,7 +385,7 @@ def test_sample_unknown_method_lists_the_valid_ones(tiny_model, tmp_path, capsys
     assert not (tmp_path / "x").exists()
 
 
-def test_sample_from_a_trainer_checkpoint_uses_the_ema_weights(tiny_model, tmp_path):
+def test_sample_from_a_trainer_checkpoint_uses_the_ema_weights(tiny_model, tmp_path, capsys):
     """--checkpoint reads the "ema" state dict (weights_only); the same weights give the same images as the folder."""
     folder, model = tiny_model
     noise = UNet(TINY).state_dict()  # other weights as the "model" entry: only the EMA must be used
@@ -387,6 +398,8 @@ def test_sample_from_a_trainer_checkpoint_uses_the_ema_weights(tiny_model, tmp_p
     assert cli.main(args) == 0
     np.testing.assert_array_equal(images_of(tmp_path / "ck"), images_of(tmp_path / "folder"))
     assert cli.main(["sample", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "m")]) == 1
+    assert cli.main(["sample", "--model", str(tmp_path / "ck.pt"), "--out", str(tmp_path / "m")]) == 1  # the wrong flag
+    assert "training checkpoint" in capsys.readouterr().err and not (tmp_path / "m").exists()
 
 
 def test_python_m_ddim_edu_help_lists_the_commands():
@@ -427,6 +440,24 @@ def test_table1_fails_clearly_without_weights_or_fid_backend(tiny_model, tmp_pat
         bench.main(["--model", str(tiny_model[0]), "--work-dir", str(tmp_path / "w")])
     assert "pip install torch-fidelity" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()  # nothing sampled
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num-images", "0"], "--num-images must be at least 2"),
+    (["--batch-size", "0"], "--batch-size and --fid-batch-size must be at least 1"),
+    (["--etas", "0", "-0.5"], "eta"),
+    (["--steps", "10", "1001"], "1001"),
+    (["--device", "nonsense"], "--device 'nonsense' cannot be used here"),
+])
+def test_table1_checks_its_arguments_before_any_work(tmp_path, capsys, args, message):
+    """Zero is not read as 'the default', and bad η, S or device stop the run before the model or data are touched."""
+    bench = load_benchmark()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--model", str(tmp_path / "no_such_model"), "--work-dir", str(tmp_path / "w"), *args])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert message in err and "cannot load the pretrained model" not in err
+    assert not (tmp_path / "w").exists()
 
 
 def test_sample_final_step(tiny_model, tmp_path, capsys):
