@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,7 +50,7 @@ from tqdm.auto import tqdm
 
 from .checks import check_int
 from .data import CIFAR10_URL, float_to_pixels, load_cifar10
-from .files import atomic_write
+from .files import atomic_write, load_weights_only
 from .interrupts import sigterm_as_keyboard_interrupt
 from .pretrained import config_from_diffusers, load_unet, unet_from_state_dict
 from .schedules import SPACINGS, linear_schedule
@@ -133,10 +132,9 @@ def load_checkpoint_ema(path, config: UNetConfig | None = None) -> UNet:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:  # damaged or not tensors only
-        raise CommandError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): "
-                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        checkpoint = load_weights_only(path)
+    except ValueError as e:
+        raise CommandError(f"checkpoint {e}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("ema"), dict):
         raise CommandError(f"{path} is not a checkpoint of ddim_edu.image_training (no 'ema' state dict); "
                            "for a plain state dict or a diffusers folder use --model")
@@ -614,10 +612,9 @@ def inception_features(weights=None, device=None) -> Features:
             f"{INCEPTION_WEIGHTS_URL}), or pass --inception-weights PATH."
         )
     try:  # torch-fidelity reads the file with weights_only=False: refuse anything but tensors first
-        torch.load(weights, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CommandError(f"{weights} is not a plain state dict of tensors ({type(e).__name__}); download it again "
-                           f"from {INCEPTION_WEIGHTS_URL}") from None
+        load_weights_only(weights)
+    except ValueError as e:
+        raise CommandError(f"{e}; download it again from {INCEPTION_WEIGHTS_URL}") from None
     device = resolve_device(device)
     net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
     net = net.to(device).eval()

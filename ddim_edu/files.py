@@ -1,10 +1,15 @@
-"""Writing files atomically, so that a crash or Ctrl-C never leaves a torn checkpoint or sample shard."""
+"""Writing files atomically, so that a crash or Ctrl-C never leaves a torn checkpoint or sample shard, and reading
+torch files without unpickling anything but tensors."""
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
+
+import torch
 
 
 @contextlib.contextmanager
@@ -42,3 +47,22 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def load_weights_only(path):
+    """``torch.load(path, map_location="cpu", weights_only=True)``, or ValueError with the reason in plain words.
+
+    torch's own message for a refused file advises ``weights_only=False``, which would run whatever
+    the file pickles; here the reason is given instead: the class it pickles, or a damaged file.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.findall(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:
+            raise ValueError(f"{path} pickles {refused[0]}, not only tensors and plain containers; it is not "
+                             "unpickled here, since unpickling can run code. Save state_dict()s instead") from None
+        raise ValueError(f"{path} cannot be read: it is truncated or corrupt, or not a torch file") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0]) if str(e) else "it ends early"
+        raise ValueError(f"{path} cannot be read: it is truncated or corrupt ({type(e).__name__}: {reason})") from None

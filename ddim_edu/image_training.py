@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .checks import check_int
 from .data import float_to_pixels, pixels_to_float
-from .files import atomic_write
+from .files import atomic_write, load_weights_only
 from .forward import q_sample
 from .interrupts import sigterm_as_keyboard_interrupt
 from .schedules import Schedule
@@ -150,12 +150,9 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, … for damaged files
-        raise ValueError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "it is truncated or corrupt, or holds objects other than tensors and plain containers"
-        ) from err
+        checkpoint = load_weights_only(path)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {err}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (written by ddim_edu.image_training.train_image_model)")
     missing = [k for k in _CHECKPOINT_KEYS if k not in checkpoint]

@@ -48,14 +48,13 @@ installs it too) is needed only for ``download=True`` and to look in the Hugging
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
+from .files import load_weights_only
 from .unet import UNet, UNetConfig
 
 CONFIG_NAME = "config.json"
@@ -327,11 +326,9 @@ def read_state_dict(path: str | Path):
             raise CheckpointError(f"{path} is not a readable safetensors file, it may be truncated or corrupt "
                                   f"(download it again): {type(e).__name__}: {e}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} could not be read with torch.load(weights_only=True): it is corrupt, "
-                              f"truncated, or pickles objects other than tensors and containers "
-                              f"({type(e).__name__}: {e})") from None
+        return load_weights_only(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _diffusers_folder(path: Path) -> Path | None:
