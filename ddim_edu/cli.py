@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -85,9 +86,11 @@ def method_listing() -> str:
     return "; ".join(f"{group}: {', '.join(names)}" for group, names in METHOD_GROUPS.items())
 
 
-def check_method(method: str, eta: float, final_step: str = "euler") -> None:
-    """Refuse unknown methods (listing the valid names), η with a method other than ``ddim``, and a
-    ``final_step`` other than Euler's with a method that is not one of ``METHODS``."""
+def check_method(method: str, eta: float, final_step: str = "euler", rtol: float | None = None,
+                 atol: float | None = None) -> None:
+    """Refuse unknown methods (listing the valid names), η with a method other than ``ddim``, a
+    ``final_step`` other than Euler's with a method that is not one of ``METHODS``, and tolerances
+    (``rtol``, ``atol``; None: the solver's default) that are not positive or not for an adaptive solver."""
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}. Valid methods are {method_listing()}")
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
@@ -99,6 +102,22 @@ def check_method(method: str, eta: float, final_step: str = "euler") -> None:
     if final_step != "euler" and method not in METHODS:
         raise ValueError(f"final step {final_step!r} applies to the ODE methods ({', '.join(METHODS)}), "
                          f"not to method {method!r}")
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if tol is None:
+            continue
+        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {tol!r}")
+        if method not in ADAPTIVE:
+            raise ValueError(f"{name} applies to the adaptive solvers ({', '.join(ADAPTIVE)}), not to method {method!r}")
+
+
+def tolerances(method: str, rtol: float | None, atol: float | None) -> dict:
+    """The tolerances an adaptive solver runs with (the solver's defaults where None); empty for other methods."""
+    if method not in ADAPTIVE:
+        return {}
+    defaults = inspect.signature(sample).parameters
+    return {"rtol": float(defaults["rtol"].default if rtol is None else rtol),
+            "atol": float(defaults["atol"].default if atol is None else atol)}
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -259,11 +278,12 @@ def shard_path(out, batch: int) -> Path:
 
 
 def sample_manifest(model: UNet, *, method: str, final_step: str, steps: int, eta: float, spacing: str, t_min: float | None,
-                    num_images: int, batch_size: int, seed: int, timesteps: Tensor, source: str, device) -> dict:
+                    num_images: int, batch_size: int, seed: int, timesteps: Tensor, source: str, device,
+                    tols: dict | None = None) -> dict:
     """What defines a run's images (compared on resume), plus a few informational entries (``_INFO_KEYS``)."""
     manifest = {
         "format": MANIFEST_FORMAT,
-        "method": method, "final_step": final_step, "steps": steps, "eta": float(eta), "spacing": spacing,
+        "method": method, "final_step": final_step, **(tols or {}), "steps": steps, "eta": float(eta), "spacing": spacing,
         "t_min": None if t_min is None else float(t_min),
         "num_images": num_images, "batch_size": batch_size, "seed": seed,
         "schedule": "linear, T=1000, beta 1e-4..0.02",
@@ -310,9 +330,9 @@ def check_manifest(out: Path, manifest: dict) -> None:
 
 
 def sample_batch(model, x_T: Tensor, schedule, timesteps, *, method: str, eta: float, generator,
-                 final_step: str = "euler") -> np.ndarray:
-    """One batch: x_T [B, C, H, W] → uint8 images [B, H, W, C]."""
-    options = {"final_step": final_step} if method in METHODS else {}
+                 final_step: str = "euler", tols: dict | None = None) -> np.ndarray:
+    """One batch: x_T [B, C, H, W] → uint8 images [B, H, W, C]; ``tols``: an adaptive solver's rtol and atol."""
+    options = {"final_step": final_step} if method in METHODS else dict(tols or {})
     with torch.no_grad():
         x0 = sample(model, x_T, schedule, timesteps, method=method, eta=eta, generator=generator, **options)
     return float_to_pixels(x0).permute(0, 2, 3, 1).cpu().numpy()
@@ -326,6 +346,8 @@ def generate(
     steps: int = 50,
     eta: float = 0.0,
     final_step: str = "euler",
+    rtol: float | None = None,
+    atol: float | None = None,
     spacing: str = "uniform",
     t_min: float | None = None,
     num_images: int = 64,
@@ -341,9 +363,11 @@ def generate(
 
     The sub-sequence is ``linear_schedule().timesteps(steps, spacing, t_min=t_min)``. With
     ``keep_shards=False`` the shards are deleted once ``samples.npz`` is written; a later call with
-    the same arguments then finds ``samples.npz`` and no shards and returns at once.
+    the same arguments then finds ``samples.npz`` and no shards and returns at once. ``rtol``,
+    ``atol``: the tolerances of an adaptive solver (None: its defaults; recorded in the manifest).
     """
-    check_method(method, eta, final_step)
+    check_method(method, eta, final_step, rtol, atol)
+    tols = tolerances(method, rtol, atol)
     for name, value, minimum in (("steps", steps, 1), ("num_images", num_images, 1), ("batch_size", batch_size, 1),
                                  ("seed", seed, 0), ("grid", grid, 0)):
         check_int(name, value, minimum)
@@ -361,7 +385,7 @@ def generate(
         noise_levels(schedule, timesteps, method)  # refuses τ too short for a multistep method, before any file is written
     manifest = sample_manifest(model, method=method, final_step=final_step, steps=steps, eta=eta, spacing=spacing, t_min=t_min,
                                num_images=num_images, batch_size=batch_size, seed=seed, timesteps=timesteps,
-                               source=source, device=device)
+                               source=source, device=device, tols=tols)
     out.mkdir(parents=True, exist_ok=True)
     check_manifest(out, manifest)
     samples = out / "samples.npz"
@@ -382,7 +406,7 @@ def generate(
             start, stop = k * batch_size, min((k + 1) * batch_size, num_images)
             x_T = initial_noise(seed, start, stop, shape).to(device)
             images = sample_batch(model, x_T, schedule, timesteps, method=method, eta=eta,
-                                  generator=step_generator(seed, k, device), final_step=final_step)
+                                  generator=step_generator(seed, k, device), final_step=final_step, tols=tols)
             save_npz_atomic(shard_path(out, k), images=images, first_index=np.int64(start))
             bar.update()
 
@@ -648,11 +672,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--download", action="store_true", help="let --model NAME download from the Hugging Face Hub "
                                                             "(needs huggingface_hub: the hub extra)")
     s.add_argument("--method", default="ddim", help=f"sampling method (default ddim). {method_listing()}")
-    s.add_argument("--steps", type=int, default=50, help="S, the length of the sub-sequence τ (default 50)")
+    s.add_argument("--steps", type=int, default=50, help="S, the length of the sub-sequence τ (default 50); an adaptive solver "
+                                                            "uses τ_S and τ_1 only and chooses its own steps")
     s.add_argument("--eta", type=float, default=0.0, help="η of Eq 16 for --method ddim: 0 DDIM, 1 DDPM (default 0)")
     s.add_argument("--final-step", default="euler", choices=FINAL_STEPS,
                    help="last step to σ = 0 of an ODE method: euler (= DDIM's) or extrapolate (the x_0 predictions "
                         "extrapolated in σ²; default euler)")
+    default_tols = tolerances(ADAPTIVE[0], None, None)
+    s.add_argument("--rtol", type=float, default=None,
+                   help=f"relative tolerance of an adaptive solver ({', '.join(ADAPTIVE)}; default {default_tols['rtol']:g})")
+    s.add_argument("--atol", type=float, default=None,
+                   help=f"absolute tolerance of an adaptive solver (default {default_tols['atol']:g})")
     s.add_argument("--spacing", default="uniform", choices=SPACINGS, help="how τ is chosen (default uniform)")
     s.add_argument("--t-min", type=float, default=None, help=f"smallest timestep for the spacings {', '.join(FRACTIONAL_SPACINGS)}")
     s.add_argument("--num-images", type=int, default=64, help="number of images (default 64)")
@@ -690,11 +720,12 @@ def load_model_from_args(model: str | None, checkpoint: str | None, config: str 
 
 def _cmd_sample(args, parser) -> int:
     try:
-        check_method(args.method, args.eta, args.final_step)
+        check_method(args.method, args.eta, args.final_step, args.rtol, args.atol)
     except ValueError as e:
         parser.error(str(e))
     model, source = load_model_from_args(args.model, args.checkpoint, args.config, args.download)
     path = generate(model, args.out, method=args.method, steps=args.steps, eta=args.eta, final_step=args.final_step,
+                    rtol=args.rtol, atol=args.atol,
                     spacing=args.spacing,
                     t_min=args.t_min, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
                     device=args.device, grid=args.grid, keep_shards=not args.remove_shards,

@@ -541,3 +541,27 @@ def test_sample_sigterm_is_ctrl_c(tiny_model, tmp_path, monkeypatch, capsys):
     assert "rerun the same command to resume" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before
     assert [p.name for p in (tmp_path / "run" / "shards").iterdir()] == ["batch_00000.npz"]
+
+
+def test_sample_adaptive_solver_tolerances(tiny_model, tmp_path, capsys):
+    """--rtol/--atol reach the adaptive solver (the images equal sample(..., rtol, atol)) and are recorded in the
+    manifest; they are refused for other methods and must be positive."""
+    folder, model = tiny_model
+    out = tmp_path / "dopri"
+    assert run_sample(folder, out, "--method", "dopri5", "--rtol", "1e-3", "--atol", "1e-4", n=2) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["rtol"], manifest["atol"]) == (1e-3, 1e-4)
+    sched = linear_schedule()
+    x_T = cli.initial_noise(0, 0, 2, (3, 8, 8))
+    expected = sample(model, x_T, sched, sched.timesteps(5), "dopri5", rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(images_of(out), float_to_pixels(expected).permute(0, 2, 3, 1).numpy())
+    assert run_sample(folder, tmp_path / "default", "--method", "dopri5", n=2) == 0  # the solver's defaults, recorded
+    assert json.loads((tmp_path / "default" / "manifest.json").read_text())["rtol"] == 1e-5
+    for bad, message in ((["--method", "ddim", "--rtol", "1e-3"], "applies to the adaptive solvers"),
+                         (["--method", "dopri5", "--atol", "0"], "atol must be a finite number > 0")):
+        with pytest.raises(SystemExit):
+            run_sample(folder, tmp_path / "x", *bad)
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert run_sample(folder, tmp_path / "ddim", n=2) == 0
+    assert "rtol" not in json.loads((tmp_path / "ddim" / "manifest.json").read_text())  # older folders still resume
