@@ -237,15 +237,20 @@ def load_images(path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
+    layout = "an .npz of uint8 images [N, H, W, 3] under the key 'images' (numpy.savez(path, images=...))"
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            raise CommandError(f"{path} is a single .npy array; expected {layout}")
+        with loaded as npz:
             keys = list(npz.keys())
             key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
             if key is None:
-                raise CommandError(f"{path} has arrays {keys}; expected one named 'images'")
+                shown = ", ".join(keys[:5]) + (f", … ({len(keys)} in all)" if len(keys) > 5 else "")
+                raise CommandError(f"{path} holds the arrays {shown}; expected {layout}")
             images = npz[key]
-    except (OSError, ValueError) as e:
-        raise CommandError(f"{path} is not a readable .npz file: {e}") from None
+    except (OSError, ValueError) as e:  # numpy's own advice (allow_pickle) does not apply here
+        raise CommandError(f"{path} is not an .npz file ({type(e).__name__}); expected {layout}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) < 2:
         raise CommandError(f"{path}: expected at least 2 uint8 RGB images [N, H, W, 3], got {images.dtype} {images.shape}")
     return images

@@ -270,6 +270,16 @@ def test_load_images_checks_layout(tmp_path):
     np.savez(tmp_path / "b.npz", images=np.zeros((3, 3, 8, 8), np.uint8))
     with pytest.raises(cli.CommandError, match=r"\[N, H, W, 3\]"):
         cli.load_images(tmp_path / "b.npz")
+    torch.save({f"w{i}": torch.zeros(1) for i in range(8)}, tmp_path / "ckpt.pt")  # a zip, as an .npz is
+    with pytest.raises(cli.CommandError, match=r"holds the arrays .*, … \(\d+ in all\); expected an \.npz of uint8"):
+        cli.load_images(tmp_path / "ckpt.pt")
+    (tmp_path / "c.json").write_text("{}")
+    with pytest.raises(cli.CommandError, match=r"is not an \.npz file \(ValueError\)") as info:
+        cli.load_images(tmp_path / "c.json")
+    assert "allow_pickle" not in str(info.value)
+    np.save(tmp_path / "d.npy", np.zeros((3, 8, 8, 3), np.uint8))
+    with pytest.raises(cli.CommandError, match="single .npy array"):
+        cli.load_images(tmp_path / "d.npy")
 
 
 # --- sample ----------------------------------------------------------------------------------------
