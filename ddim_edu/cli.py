@@ -50,7 +50,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .checks import check_int
-from .data import CIFAR10_URL, float_to_pixels, load_cifar10
+from .data import CIFAR10_URL, float_to_pixels, load_cifar10, locate_cifar10
 from .files import atomic_write, load_weights_only
 from .interrupts import sigterm_as_keyboard_interrupt
 from .pretrained import config_from_diffusers, load_unet, unet_from_state_dict
@@ -744,7 +744,19 @@ def _cmd_fid(args, parser) -> int:
     if images.shape[1:3] != (32, 32):
         print(f"warning: {args.samples} holds {images.shape[1]}×{images.shape[2]} images; CIFAR-10's are 32×32, so the "
               "FID (computed after resizing both to the Inception input) is not comparable to published ones", file=sys.stderr)
-    features = inception_features(args.inception_weights, args.device)
+    missing = []  # everything that is missing, said at once rather than one run at a time
+    try:
+        features = inception_features(args.inception_weights, args.device)
+    except FIDBackendMissing as e:
+        missing.append(str(e))
+    stats = args.stats if args.stats is not None else default_stats_path(Features(INCEPTION_FEATURES_NAME, None))
+    if not Path(stats).is_file():
+        try:
+            locate_cifar10(args.cifar10)
+        except FileNotFoundError as e:
+            missing.append(f"the CIFAR-10 training set is needed once to compute the reference statistics: {e}")
+    if missing:
+        raise CommandError("\n".join(f"({i}) {m}" for i, m in enumerate(missing, 1)) if len(missing) > 1 else missing[0])
     reference = cifar10_statistics(features, args.stats, cifar10=args.cifar10, batch_size=args.batch_size,
                                    progress=not args.quiet)
     score = fid(images, reference, features, batch_size=args.batch_size, progress=not args.quiet)

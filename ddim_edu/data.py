@@ -185,8 +185,9 @@ _VERSIONS = (
 _ARCHIVES = ("cifar-10-binary.tar.gz", "cifar-10-python.tar.gz")
 
 
-def _resolve_cifar10(path) -> Path:
-    """The folder of batches (either version) or the archive that ``path`` (or the environment variable) points to."""
+def locate_cifar10(path=None) -> Path:
+    """The folder of batches (either version) or the archive that ``path`` (or ``$DDIM_EDU_CIFAR10``) points to;
+    FileNotFoundError with the download command if there is none. Nothing is read."""
     if path is None:
         env = os.environ.get(CIFAR10_ENV)
         if not env:
@@ -265,7 +266,7 @@ def load_cifar10(path=None, split: str = "train", *, records_per_file: int | Non
         raise ValueError(f"split must be one of {sorted(CIFAR10_FILES)}, got {split!r}")
     if records_per_file is not None and (not isinstance(records_per_file, numbers.Integral) or records_per_file < 1):
         raise ValueError(f"records_per_file must be a positive int or None, got {records_per_file!r}")
-    source = _resolve_cifar10(path)
+    source = locate_cifar10(path)
     if source.is_dir():
         version = next(v for v in _VERSIONS if v.holds_batches(source))
         names = version.names(split)

@@ -170,12 +170,15 @@ def hide_torch_fidelity(monkeypatch):
 
 
 def test_fid_command_says_what_to_install(tmp_path, monkeypatch, capsys):
+    """Everything missing is said at once: here the FID backend and, with no cached statistics, CIFAR-10."""
     samples = tmp_path / "s.npz"
     write_samples(samples)
     hide_torch_fidelity(monkeypatch)
+    monkeypatch.delenv("DDIM_EDU_CIFAR10", raising=False)
     assert cli.main(["fid", str(samples), "--stats", str(tmp_path / "st.npz")]) == 1
     err = capsys.readouterr().err
     assert "8×8 images; CIFAR-10's are 32×32" in err  # write_samples makes 8×8 images
+    assert "(1) the FID features need torch-fidelity" in err and "(2) the CIFAR-10 training set is needed once" in err
     pin = f'"torchvision=={cli.paired_torchvision()}.*"'
     assert f"pip install torch-fidelity {pin}" in err and "--index-url https://download.pytorch.org/whl/cpu" in err
     monkeypatch.setitem(sys.modules, "torchvision", None)  # torchvision missing: said first
