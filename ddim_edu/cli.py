@@ -660,6 +660,19 @@ def inception_features(weights=None, device=None) -> Features:
 # --- command line ---------------------------------------------------------------------------------
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, so that a bad count is refused under its flag's name."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ddim_edu", description="ddim_edu: sample images and score them with FID.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -677,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--download", action="store_true", help="let --model NAME download from the Hugging Face Hub "
                                                             "(needs huggingface_hub: the hub extra)")
     s.add_argument("--method", default="ddim", help=f"sampling method (default ddim). {method_listing()}")
-    s.add_argument("--steps", type=int, default=50, help="S, the length of the sub-sequence τ (default 50); an adaptive solver "
+    s.add_argument("--steps", type=int_at_least(1), default=50, help="S, the length of the sub-sequence τ (default 50); an adaptive solver "
                                                             "uses τ_S and τ_1 only and chooses its own steps")
     s.add_argument("--eta", type=float, default=0.0, help="η of Eq 16 for --method ddim: 0 DDIM, 1 DDPM (default 0)")
     s.add_argument("--final-step", default="euler", choices=FINAL_STEPS,
@@ -690,11 +703,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"absolute tolerance of an adaptive solver (default {default_tols['atol']:g})")
     s.add_argument("--spacing", default="uniform", choices=SPACINGS, help="how τ is chosen (default uniform)")
     s.add_argument("--t-min", type=float, default=None, help=f"smallest timestep for the spacings {', '.join(FRACTIONAL_SPACINGS)}")
-    s.add_argument("--num-images", type=int, default=64, help="number of images (default 64)")
-    s.add_argument("--batch-size", type=int, default=64, help="images per batch and per shard (default 64)")
-    s.add_argument("--seed", type=int, default=0, help="seed of all randomness (default 0)")
+    s.add_argument("--num-images", type=int_at_least(1), default=64, help="number of images (default 64)")
+    s.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per batch and per shard (default 64)")
+    s.add_argument("--seed", type=int_at_least(0), default=0, help="seed of all randomness (default 0)")
     s.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    s.add_argument("--grid", type=int, default=64, help="images in grid.png (default 64; 0: no grid)")
+    s.add_argument("--grid", type=int_at_least(0), default=64, help="images in grid.png (default 64; 0: no grid)")
     s.add_argument("--remove-shards", action="store_true", help="delete the shards once samples.npz is written")
     s.add_argument("--out", required=True, type=Path, help="output folder")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -708,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cifar10", default=None, help=f"CIFAR-10 archive (binary or python version) or its folder, needed once to compute the "
                                                    f"statistics (default $DDIM_EDU_CIFAR10; download {CIFAR10_URL})")
     f.add_argument("--inception-weights", type=Path, default=None, help=f"Inception weights file (default {default_inception_weights()})")
-    f.add_argument("--batch-size", type=int, default=250, help="images per forward pass (default 250)")
+    f.add_argument("--batch-size", type=int_at_least(1), default=250, help="images per forward pass (default 250)")
     f.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(run=_cmd_fid, parser=f)

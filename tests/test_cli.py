@@ -498,6 +498,11 @@ def test_sample_errors_name_the_subcommand_and_unusable_devices(tiny_model, tmp_
     with pytest.raises(SystemExit):
         run_sample(folder, tmp_path / "x", "--method", "heun", "--eta", "0.5")
     assert "python -m ddim_edu sample: error:" in capsys.readouterr().err  # the subcommand's usage, not the top level's
+    for flag, value, message in (("--num-images", "0", "must be at least 1, got 0"), ("--seed", "-1", "must be at least 0, got -1"),
+                                 ("--batch-size", "two", "expected an integer, got 'two'")):
+        with pytest.raises(SystemExit):
+            run_sample(folder, tmp_path / "x", flag, value)
+        assert f"argument {flag}: {message}" in capsys.readouterr().err  # named by its flag
     for device in ("foo", "cuda:99" if torch.cuda.is_available() else "cuda"):
         args = ["sample", "--model", str(folder), "--steps", "2", "--num-images", "2", "--device", device, "--quiet",
                 "--out", str(tmp_path / device.replace(":", "_"))]
