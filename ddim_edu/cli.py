@@ -140,13 +140,21 @@ def read_unet_config(path) -> UNetConfig:
         raise CommandError(f"{path} is neither a diffusers config.json nor UNetConfig fields: {e}") from None
 
 
-def load_checkpoint_ema(path, config: UNetConfig | None = None) -> UNet:
-    """The EMA weights of a :func:`ddim_edu.image_training.train_image_model` checkpoint as a UNet (eval mode).
+CHECKPOINT_WEIGHTS = ("ema", "model")
 
-    The file is read with ``torch.load(..., weights_only=True)``; its ``"ema"`` entry is the state
-    dict of the bare model. The architecture is ``config`` if given, else the one the trainer stored
-    with a UNet (``"unet_config"``), else the CIFAR-10 UNet.
+
+def load_checkpoint_unet(path, config: UNetConfig | None = None, weights: str = "ema") -> UNet:
+    """A :func:`ddim_edu.image_training.train_image_model` checkpoint's EMA weights (or, with
+    ``weights="model"``, the trained weights themselves) as a UNet (eval mode).
+
+    The file is read with ``torch.load(..., weights_only=True)``; its ``"ema"`` and ``"model"`` entries
+    are state dicts of the bare model. The EMA is what one samples from after a long run; early in a
+    run (fewer than about 1/(1 − decay) steps) it is still close to the initial weights. The
+    architecture is ``config`` if given, else the one the trainer stored with a UNet
+    (``"unet_config"``), else the CIFAR-10 UNet.
     """
+    if weights not in CHECKPOINT_WEIGHTS:
+        raise ValueError(f"weights must be one of {CHECKPOINT_WEIGHTS}, got {weights!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -154,8 +162,8 @@ def load_checkpoint_ema(path, config: UNetConfig | None = None) -> UNet:
         checkpoint = load_weights_only(path)
     except ValueError as e:
         raise CommandError(f"checkpoint {e}") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("ema"), dict):
-        raise CommandError(f"{path} is not a checkpoint of ddim_edu.image_training (no 'ema' state dict); "
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(weights), dict):
+        raise CommandError(f"{path} is not a checkpoint of ddim_edu.image_training (no {weights!r} state dict); "
                            "for a plain state dict or a diffusers folder use --model")
     stored = checkpoint.get("unet_config")
     if config is None and stored is not None:
@@ -163,7 +171,7 @@ def load_checkpoint_ema(path, config: UNetConfig | None = None) -> UNet:
             config = UNetConfig(**stored)
         except (TypeError, ValueError) as e:
             raise CommandError(f"{path} stores a UNet config that cannot be used ({e}); pass --config") from None
-    return unet_from_state_dict(checkpoint["ema"], config, source=f"{path} (EMA weights)")
+    return unet_from_state_dict(checkpoint[weights], config, source=f"{path} ({weights} weights)")
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -683,7 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="a diffusers-layout folder, a state-dict file, or a Hugging Face name "
                                        "(e.g. google/ddpm-cifar10-32: a local folder of that name, else the Hugging Face cache)")
-    which.add_argument("--checkpoint", help="a checkpoint of ddim_edu.image_training (its EMA weights are used)")
+    which.add_argument("--checkpoint", help="a checkpoint of ddim_edu.image_training (its EMA weights, see --weights)")
+    s.add_argument("--weights", default="ema", choices=CHECKPOINT_WEIGHTS,
+                   help="which weights of a --checkpoint: ema (default; what to sample after a long run) or model "
+                        "(the trained weights; for a short run, whose EMA is still near the initial weights)")
     s.add_argument("--config", help="JSON UNet config (diffusers config.json or UNetConfig fields) for --checkpoint "
                                     "or a single state-dict file (default: the config a training checkpoint stores, "
                                     "else the CIFAR-10 UNet)")
@@ -728,11 +739,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_model_from_args(model: str | None, checkpoint: str | None, config: str | None, download: bool = False) -> tuple[UNet, str]:
-    """The UNet that ``--model`` or ``--checkpoint`` name, and a description of its source."""
+def load_model_from_args(model: str | None, checkpoint: str | None, config: str | None, download: bool = False,
+                         weights: str = "ema") -> tuple[UNet, str]:
+    """The UNet that ``--model`` or ``--checkpoint`` (with ``--weights``) name, and a description of its source."""
     unet_config = read_unet_config(config) if config else None
     if checkpoint is not None:
-        return load_checkpoint_ema(checkpoint, unet_config), f"checkpoint {checkpoint} (EMA)"
+        return load_checkpoint_unet(checkpoint, unet_config, weights), f"checkpoint {checkpoint} ({weights})"
     return load_unet(model, config=unet_config, download=download), f"model {model}"
 
 
@@ -741,7 +753,9 @@ def _cmd_sample(args, parser) -> int:
         check_method(args.method, args.eta, args.final_step, args.rtol, args.atol)
     except ValueError as e:
         parser.error(str(e))
-    model, source = load_model_from_args(args.model, args.checkpoint, args.config, args.download)
+    if args.weights != "ema" and args.checkpoint is None:
+        parser.error("--weights applies to --checkpoint only")
+    model, source = load_model_from_args(args.model, args.checkpoint, args.config, args.download, args.weights)
     path = generate(model, args.out, method=args.method, steps=args.steps, eta=args.eta, final_step=args.final_step,
                     rtol=args.rtol, atol=args.atol,
                     spacing=args.spacing,

@@ -258,7 +258,7 @@ def unet_from_state_dict(state_dict: Mapping[str, Tensor], config: UNetConfig | 
         raise CheckpointError(f"{source} holds a {type(state_dict).__name__}, not a state dict of tensors.{hint}")
     if isinstance(state_dict.get("ema"), dict) and "step" in state_dict:
         raise CheckpointError(f"{source} is a training checkpoint of ddim_edu.image_training, not a state dict: "
-                              "sample from its EMA weights with --checkpoint (in Python, cli.load_checkpoint_ema)")
+                              "sample from its EMA weights with --checkpoint (in Python, cli.load_checkpoint_unet)")
     bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(f"{source}: " + _listing("entries that are not named tensors", [repr(k) for k in bad]))

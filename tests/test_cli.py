@@ -399,7 +399,8 @@ def test_sample_unknown_method_lists_the_valid_ones(tiny_model, tmp_path, capsys
 
 
 def test_sample_from_a_trainer_checkpoint_uses_the_ema_weights(tiny_model, tmp_path, capsys):
-    """--checkpoint reads the "ema" state dict (weights_only); the same weights give the same images as the folder."""
+    """--checkpoint reads the "ema" state dict (weights_only), or "model" with --weights model; the same weights
+    give the same images as a folder or file holding them."""
     folder, model = tiny_model
     noise = UNet(TINY).state_dict()  # other weights as the "model" entry: only the EMA must be used
     torch.save({"format": "ddim_edu.image_training/1", "step": 1, "model": noise, "ema": model.state_dict()}, tmp_path / "ck.pt")
@@ -410,6 +411,16 @@ def test_sample_from_a_trainer_checkpoint_uses_the_ema_weights(tiny_model, tmp_p
             "--num-images", "6", "--batch-size", "2", "--device", "cpu", "--quiet", "--out", str(tmp_path / "ck")]
     assert cli.main(args) == 0
     np.testing.assert_array_equal(images_of(tmp_path / "ck"), images_of(tmp_path / "folder"))
+    # --weights model: the trained weights instead, the same images as a folder holding them
+    torch.save(noise, tmp_path / "noise.pt")
+    assert cli.main(["sample", "--model", str(tmp_path / "noise.pt"), "--config", str(config), *args[5:-1],
+                     str(tmp_path / "noise_folder")]) == 0
+    assert cli.main([*args[:-1], str(tmp_path / "ck_model"), "--weights", "model"]) == 0
+    np.testing.assert_array_equal(images_of(tmp_path / "ck_model"), images_of(tmp_path / "noise_folder"))
+    assert not np.array_equal(images_of(tmp_path / "ck_model"), images_of(tmp_path / "ck"))
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--model", str(folder), "--weights", "model", "--out", str(tmp_path / "m")])
+    assert "--weights applies to --checkpoint only" in capsys.readouterr().err
     assert cli.main(["sample", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "m")]) == 1
     assert cli.main(["sample", "--model", str(tmp_path / "ck.pt"), "--out", str(tmp_path / "m")]) == 1  # the wrong flag
     assert "training checkpoint" in capsys.readouterr().err and not (tmp_path / "m").exists()

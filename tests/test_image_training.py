@@ -216,7 +216,7 @@ def test_unet_checkpoint_stores_its_config_and_data_must_fit(tmp_path):
     torch.manual_seed(0)
     result = train_image_model(UNet(config), DATA, SCHED, steps=2, checkpoint=tmp_path / "u.pt", **FAST)
     assert UNetConfig(**load_checkpoint(tmp_path / "u.pt")["unet_config"]) == config
-    ema = cli.load_checkpoint_ema(tmp_path / "u.pt")  # no config given
+    ema = cli.load_checkpoint_unet(tmp_path / "u.pt")  # no config given
     assert ema.config == config and all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), result.ema.state_dict().values()))
     with pytest.raises(ValueError, match=r"data are images \(3, 8, 8\) but the UNet takes \(3, 16, 16\)"):
         train_image_model(UNet(UNetConfig(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
