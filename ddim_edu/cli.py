@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from .checks import check_int
 from .data import CIFAR10_URL, float_to_pixels, load_cifar10, locate_cifar10
 from .files import atomic_write, load_weights_only
+from .image_training import load_checkpoint
 from .interrupts import sigterm_as_keyboard_interrupt
 from .pretrained import config_from_diffusers, load_unet, unet_from_state_dict
 from .schedules import SPACINGS, linear_schedule
@@ -155,16 +156,10 @@ def load_checkpoint_unet(path, config: UNetConfig | None = None, weights: str = 
     """
     if weights not in CHECKPOINT_WEIGHTS:
         raise ValueError(f"weights must be one of {CHECKPOINT_WEIGHTS}, got {weights!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = load_weights_only(path)
+        checkpoint = load_checkpoint(path)
     except ValueError as e:
-        raise CommandError(f"checkpoint {e}") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(weights), dict):
-        raise CommandError(f"{path} is not a checkpoint of ddim_edu.image_training (no {weights!r} state dict); "
-                           "for a plain state dict or a diffusers folder use --model")
+        raise CommandError(f"{e}; for a plain state dict or a diffusers folder use --model") from None
     stored = checkpoint.get("unet_config")
     if config is None and stored is not None:
         try:

@@ -403,7 +403,9 @@ def test_sample_from_a_trainer_checkpoint_uses_the_ema_weights(tiny_model, tmp_p
     give the same images as a folder or file holding them."""
     folder, model = tiny_model
     noise = UNet(TINY).state_dict()  # other weights as the "model" entry: only the EMA must be used
-    torch.save({"format": "ddim_edu.image_training/1", "step": 1, "model": noise, "ema": model.state_dict()}, tmp_path / "ck.pt")
+    torch.save({"format": "ddim_edu.image_training/1", "step": 1, "model": noise, "ema": model.state_dict(),
+                "ema_n_averaged": torch.tensor(1), "optimizer": {}, "scheduler": {}, "rng": {}, "losses": torch.zeros(1),
+                "config": {}}, tmp_path / "ck.pt")  # the other entries do not matter for sampling
     config = tmp_path / "unet.json"
     config.write_text(json.dumps(cli.asdict(TINY)))
     assert run_sample(folder, tmp_path / "folder", "--method", "dpmpp_2m") == 0

@@ -325,28 +325,6 @@ def test_dpm_solver_3_differs_from_singlestep_order_3_only_in_the_second_stage(s
 # --- DPM-Solver++(2M), and (3M) with a different third-order weight ------------------------------------
 
 
-def dpmpp_3m_diffusers_weights(eps, x, s, s_next, history):
-    """Our DPM-Solver++(3M) as DPMSolverMultistepScheduler (order 3) runs it on 15 or more steps.
-
-    Its start-up is DDIM, then DPM-Solver++(2M) (ours: a DPM-Solver-2 step, then the exact φ₂
-    weight on the one difference), and it weights the second difference d₂ by ½ - φ₂/h, half the
-    exact 1 - 2φ₂/h of ``dpmpp_3m_step``. The last step, to σ = 0, is DDIM in both.
-    """
-    if len(history) < 2 or s_next == 0:
-        return solvers.dpmpp_2m_step(eps, x, s, s_next, history)
-    e = eps(x, s)
-    d = x - s * e
-    h = math.log(s / s_next)
-    phi_2 = math.expm1(-h) / h + 1
-    (s_1, x_1, e_1), (s_2, x_2, e_2) = history[-1], history[-2]
-    r0, r1 = math.log(s_1 / s) / h, math.log(s_2 / s_1) / h
-    d1_0 = (d - (x_1 - s_1 * e_1)) / r0
-    d1_1 = ((x_1 - s_1 * e_1) - (x_2 - s_2 * e_2)) / r1
-    d1, d2 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1), (d1_0 - d1_1) / (r0 + r1)
-    history.append((s, x, e))
-    return (s_next / s) * x + (1 - s_next / s) * d + phi_2 * d1 + (0.5 - phi_2 / h) * d2
-
-
 def dpm_multistep(sched, model, x, tau, order):
     """DPMSolverMultistepScheduler (dpmsolver++, the last step to σ = 0 first order) over integer τ."""
     ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=sched.T, beta_schedule="linear",
@@ -370,14 +348,15 @@ def test_dpmpp_2m_matches_diffusers(setup, S):
 
 
 @pytest.mark.parametrize("S", [20, 40])
-def test_dpmpp_3m_differs_from_diffusers_order_3_only_in_its_weights(setup, S, monkeypatch):
-    """DPMSolverMultistepScheduler(solver_order=3) is our ``dpmpp_3m`` with the start-up and d₂ weight
-    of ``dpmpp_3m_diffusers_weights``: with those swapped in, the two agree to 1e-6; ours differs
+def test_dpmpp_3m_differs_from_diffusers_order_3_only_in_its_weights(setup, S, monkeypatch, dpmpp_3m_variant):
+    """DPMSolverMultistepScheduler(solver_order=3) is our ``dpmpp_3m`` with the DDIM start-up and the half d₂
+    weight of ``dpmpp_3m_variant``: with those swapped in, the two agree to 1e-6; ours differs
     far beyond that. S ≥ 15, where diffusers lowers the order of the last step only."""
     sched, model, x = setup
     tau = sched.timesteps(S, "trailing")
     theirs = dpm_multistep(sched, model, x, tau, 3)
-    monkeypatch.setitem(solvers.METHODS, "dpmpp_3m_diffusers", solvers.Method(dpmpp_3m_diffusers_weights, 3, 1))
+    step = dpmpp_3m_variant(ddim_start=True, half_d2=True)
+    monkeypatch.setitem(solvers.METHODS, "dpmpp_3m_diffusers", solvers.Method(step, 3, 1, startup_nfe=0))
     torch.testing.assert_close(sample(model, x, sched, tau, method="dpmpp_3m_diffusers"), theirs, rtol=0, atol=1e-6)
     assert (sample(model, x, sched, tau, method="dpmpp_3m") - theirs).abs().max() > 1e-4
 

@@ -236,39 +236,9 @@ def test_dpm_solver_3_matches_dpm_fast_with_its_lowered_last_step(sched, ring, x
     torch.testing.assert_close(sched.sigma(sched.timesteps(S, "logsnr")).flip(0), sig, rtol=1e-12, atol=0)
 
 
-def dpmpp_3m_variant(ddim_start: bool, half_d2: bool):
-    """Our DPM-Solver++(3M) step, optionally with either of the two changes that make it k-diffusion's.
-
-    ``sample_dpmpp_3m_sde`` with η = 0 differs from :func:`ddim_edu.solvers.dpmpp_3m_step` in two
-    places: its first step is DDIM (``ddim_start``; ours is a DPM-Solver-2 step, one more
-    evaluation, so that the start-up error is O(h³)), and it weights the second difference d₂ by
-    ``-φ₃ = ½ - φ₂/h`` (``half_d2``), half the exact ``1 - 2φ₂/h``. Its second step (φ₂ on the one
-    difference) and its last, x̄' = D into σ = 0, are ours. With neither change this is ours.
-    """
-
-    def step(eps, x, s, s_next, history):
-        if s_next == 0 or (history and len(history) < 2) or not (history or ddim_start):
-            return solvers.dpmpp_3m_step(eps, x, s, s_next, history)
-        e = eps(x, s)
-        d = x - s * e
-        x_next = (s_next / s) * x + (1 - s_next / s) * d  # DDIM; with two predictions back, plus:
-        if len(history) >= 2:
-            h = math.log(s / s_next)
-            phi_2 = math.expm1(-h) / h + 1
-            (s_1, x_1, e_1), (s_2, x_2, e_2) = history[-1], history[-2]
-            r0, r1 = math.log(s_1 / s) / h, math.log(s_2 / s_1) / h
-            d1_0 = (d - (x_1 - s_1 * e_1)) / r0
-            d1_1 = ((x_1 - s_1 * e_1) - (x_2 - s_2 * e_2)) / r1
-            d1, d2 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1), (d1_0 - d1_1) / (r0 + r1)
-            x_next = x_next + phi_2 * d1 + ((0.5 - phi_2 / h) if half_d2 else (1 - 2 * phi_2 / h)) * d2
-        history.append((s, x, e))
-        return x_next
-
-    return step
-
-
 @pytest.mark.parametrize("spacing", GRIDS)
-def test_dpmpp_3m_differs_from_k_diffusion_only_in_start_up_and_d2_weight(sched, ring, x_T, spacing, monkeypatch):
+def test_dpmpp_3m_differs_from_k_diffusion_only_in_start_up_and_d2_weight(sched, ring, x_T, spacing, monkeypatch,
+                                                                          dpmpp_3m_variant):
     """``sample_dpmpp_3m_sde`` (η = 0) is our ``dpmpp_3m`` with the two changes of ``dpmpp_3m_variant``.
 
     With both swapped in, ours matches it to rounding with the same S evaluations (ours as it
