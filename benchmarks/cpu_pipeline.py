@@ -40,7 +40,7 @@ from ddim_edu.solvers import sample
 from ddim_edu.unet import UNet, UNetConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_throughput import ROOT, write_section
+from gpu_throughput import ROOT, publish
 
 FIGURE = ROOT / "docs" / "cpu_pipeline_samples.png"
 GRIDS = (("quad", 10), ("quad", 20), ("quad", 50), ("uniform", 50))  # (spacing of τ, S)
@@ -161,10 +161,7 @@ def main():
         f"![training patches and DDIM samples]({FIGURE.name})",
     ]
     text = "\n".join(lines) + "\n"
-    print("\n" + heading + "\n\n" + text)
-    if args.doc:
-        write_section(heading, text)
-        print(f"wrote {FIGURE} and the section {heading[3:]!r} of docs/benchmarks.md")
+    publish(heading, text, args.doc)
 
 
 if __name__ == "__main__":

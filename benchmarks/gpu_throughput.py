@@ -66,6 +66,14 @@ TARGET_VS_SAME = 1.0  # ... and no slower than diffusers given the same bf16 / c
 # --- the Markdown file shared by the benchmark scripts -------------------------------------------------
 
 
+def publish(heading: str, body: str, write: bool = True) -> None:
+    """Print the section, and (``write``) put it into docs/benchmarks.md in place of its earlier version."""
+    print("\n" + heading + "\n\n" + body)
+    if write:
+        write_section(heading, body)
+        print(f"wrote the section {heading[3:]!r} of {DOC}")
+
+
 def write_section(heading: str, body: str, path: Path = DOC) -> None:
     """Put ``heading`` (a ``## `` line) and ``body`` into ``path``, replacing only the section with that heading."""
     text = path.read_text() if path.is_file() else DOC_TITLE
@@ -540,10 +548,7 @@ def main():
     text = report(rows, train, args, device, c, n_params, agree, time.perf_counter() - begin)
     if train_error:
         text += f"\n{train_error}\n"
-    print("\n" + heading + "\n\n" + text)
-    if args.doc:
-        write_section(heading, text)
-        log(f"wrote the section {heading[3:]!r} of {DOC}")
+    publish(heading, text, args.doc)
 
 
 if __name__ == "__main__":

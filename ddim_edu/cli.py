@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -56,7 +55,7 @@ from .image_training import load_checkpoint
 from .interrupts import sigterm_as_keyboard_interrupt
 from .pretrained import config_from_diffusers, load_unet, unet_from_state_dict
 from .schedules import SPACINGS, linear_schedule
-from .solvers import ADAPTIVE, FINAL_STEPS, METHODS, SAMPLERS, noise_levels, sample
+from .solvers import ADAPTIVE, ADAPTIVE_ATOL, ADAPTIVE_RTOL, FINAL_STEPS, METHODS, SAMPLERS, noise_levels, sample
 from .unet import UNet, UNetConfig
 
 METHOD_GROUPS = {
@@ -116,9 +115,7 @@ def tolerances(method: str, rtol: float | None, atol: float | None) -> dict:
     """The tolerances an adaptive solver runs with (the solver's defaults where None); empty for other methods."""
     if method not in ADAPTIVE:
         return {}
-    defaults = inspect.signature(sample).parameters
-    return {"rtol": float(defaults["rtol"].default if rtol is None else rtol),
-            "atol": float(defaults["atol"].default if atol is None else atol)}
+    return {"rtol": float(ADAPTIVE_RTOL if rtol is None else rtol), "atol": float(ADAPTIVE_ATOL if atol is None else atol)}
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -548,10 +545,13 @@ def image_statistics(images: np.ndarray, features: Features, batch_size: int = 2
     return moments.statistics()
 
 
-def default_stats_path(features: Features) -> Path:
+NEED_CIFAR10 = "the CIFAR-10 training set is needed once to compute the reference statistics"
+
+
+def default_stats_path(features_name: str) -> Path:
     """Where CIFAR-10 train statistics are cached: ``$XDG_CACHE_HOME/ddim_edu`` (default ``~/.cache/ddim_edu``)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "ddim_edu" / f"fid_stats_cifar10_train_{features.name}.npz"
+    return cache / "ddim_edu" / f"fid_stats_cifar10_train_{features_name}.npz"
 
 
 def cifar10_statistics(features: Features, stats=None, *, cifar10=None, records_per_file: int | None = 10000,
@@ -561,7 +561,7 @@ def cifar10_statistics(features: Features, stats=None, *, cifar10=None, records_
     ``cifar10`` is an official archive or its folder (:func:`ddim_edu.data.load_cifar10`; None reads
     ``$DDIM_EDU_CIFAR10``). The cache stores the extractor's name and is refused for another extractor.
     """
-    stats = Path(stats) if stats is not None else default_stats_path(features)
+    stats = Path(stats) if stats is not None else default_stats_path(features.name)
     if stats.is_file():
         try:
             with np.load(stats, allow_pickle=False) as npz:
@@ -575,7 +575,7 @@ def cifar10_statistics(features: Features, stats=None, *, cifar10=None, records_
     try:
         images, _ = load_cifar10(cifar10, "train", records_per_file=records_per_file)
     except FileNotFoundError as e:
-        raise CommandError(f"the CIFAR-10 training set is needed once to compute the reference statistics: {e}") from None
+        raise CommandError(f"{NEED_CIFAR10}: {e}") from None
     images = images.permute(0, 2, 3, 1).numpy()  # [N, 32, 32, 3]
     mu, sigma = image_statistics(images, features, batch_size, progress, desc="CIFAR-10 train features")
     save_npz_atomic(stats, mu=mu, sigma=sigma, n=np.int64(len(images)), features=np.array(features.name))
@@ -771,12 +771,12 @@ def _cmd_fid(args, parser) -> int:
         features = inception_features(args.inception_weights, args.device)
     except FIDBackendMissing as e:
         missing.append(str(e))
-    stats = args.stats if args.stats is not None else default_stats_path(Features(INCEPTION_FEATURES_NAME, None))
+    stats = args.stats if args.stats is not None else default_stats_path(INCEPTION_FEATURES_NAME)
     if not Path(stats).is_file():
         try:
             locate_cifar10(args.cifar10)
         except FileNotFoundError as e:
-            missing.append(f"the CIFAR-10 training set is needed once to compute the reference statistics: {e}")
+            missing.append(f"{NEED_CIFAR10}: {e}")
     if missing:
         raise CommandError("\n".join(f"({i}) {m}" for i, m in enumerate(missing, 1)) if len(missing) > 1 else missing[0])
     reference = cifar10_statistics(features, args.stats, cifar10=args.cifar10, batch_size=args.batch_size,

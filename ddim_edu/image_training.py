@@ -306,11 +306,12 @@ def train_image_model(
     params = list(model.parameters())
     if not params:
         raise ValueError("model has no parameters to train")
-    unet_config = getattr(model, "config", None) if isinstance(getattr(model, "config", None), UNetConfig) else None
-    if unet_config is not None and tuple(data.shape[1:]) != (unet_config.in_channels, unet_config.image_size, unet_config.image_size):
-        raise ValueError(f"data are images {tuple(data.shape[1:])} but the UNet takes "
-                         f"{(unet_config.in_channels, unet_config.image_size, unet_config.image_size)}: resize the data or "
-                         "change UNetConfig(in_channels=..., image_size=...)")
+    unet_config = model.config if isinstance(getattr(model, "config", None), UNetConfig) else None
+    if unet_config is not None:
+        takes = (unet_config.in_channels, unet_config.image_size, unet_config.image_size)
+        if tuple(data.shape[1:]) != takes:
+            raise ValueError(f"data are images {tuple(data.shape[1:])} but the UNet takes {takes}: resize the data or "
+                             "change UNetConfig(in_channels=..., image_size=...)")
     if checkpoint is not None and Path(checkpoint).is_dir():
         raise ValueError(f"checkpoint {checkpoint} is a folder; pass a file path such as {Path(checkpoint) / 'checkpoint.pt'}")
     device = params[0].device

@@ -256,6 +256,7 @@ METHODS = {
 }
 
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's adaptive solvers
+ADAPTIVE_RTOL = ADAPTIVE_ATOL = 1e-5  # their default tolerances here
 
 
 # --- integration ----------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def integrate(model: Model, x_bar: Tensor, schedule: Schedule, sigmas, method: s
 
 
 def solve_adaptive(model: Model, x_bar: Tensor, schedule: Schedule, sigma_start: float, sigma_end: float, *,
-                   method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5) -> tuple[Tensor, int]:
+                   method: str = "dopri5", rtol: float = ADAPTIVE_RTOL, atol: float = ADAPTIVE_ATOL) -> tuple[Tensor, int]:
     """Integrate Eq 14 from ``sigma_start`` to ``sigma_end`` with torchdiffeq's adaptive ``method``.
 
     Returns (x̄ at sigma_end, the number of model evaluations used).
@@ -351,8 +352,8 @@ def sample(
     generator: torch.Generator | None = None,
     *,
     return_trajectory: bool = False,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float = ADAPTIVE_RTOL,
+    atol: float = ADAPTIVE_ATOL,
     **options,
 ) -> Tensor:
     """Sample x_0 from ``x_T`` along the increasing timesteps τ_1 < … < τ_S with ``method``.
