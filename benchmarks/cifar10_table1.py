@@ -3,7 +3,7 @@
 One pretrained DDPM model (the published CIFAR-10 UNet, diffusers layout), T = 1000, the
 quadratic τ the paper used for CIFAR-10 (App. D.2), 50000 samples per cell, FID against the
 CIFAR-10 training set with the TensorFlow Inception-v3 (through torch-fidelity, see
-``ddim_edu.cli``). Every cell is sampled with ``ddim_edu.cli.generate`` into its own folder under
+``ddim_edu.cli``). Every cell is sampled with ``ddim_edu.image.generate.generate`` into its own folder under
 ``--work-dir``, so an interrupted run resumes where it stopped; its FID is kept in ``fid.json``
 beside the samples. The Markdown written to ``--out`` puts our FIDs beside the paper's and states
 the protocol.
@@ -30,12 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddim_edu import cli
-from ddim_edu.data import float_to_pixels, load_offline_images
+from ddim_edu.evaluation import fid as fid_module
+from ddim_edu.image import generate
+from ddim_edu.utils.checks import resolve_device
+from ddim_edu.image.data import float_to_pixels, load_offline_images
 from ddim_edu.paper import SIGMA_HAT, TABLE1_FID, table1_row_label
-from ddim_edu.pretrained import CONFIG_NAME, WEIGHTS_NAMES, diffusers_config, load_unet, to_diffusers_state_dict
+from ddim_edu.image.pretrained import CONFIG_NAME, WEIGHTS_NAMES, diffusers_config, load_unet, to_diffusers_state_dict
 from ddim_edu.schedules import SPACINGS, linear_schedule
-from ddim_edu.unet import UNet, UNetConfig
+from ddim_edu.image.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = (10, 20, 50, 100, 1000)
@@ -64,7 +66,7 @@ def smoke_model(folder: Path) -> Path:
     return folder
 
 
-def smoke_features(dim: int = 16) -> cli.Features:
+def smoke_features(dim: int = 16) -> fid_module.Features:
     """A fixed random projection of the pixels (in [0, 1]) to ``dim`` features: a stand-in for Inception."""
     size = SMOKE_CONFIG.image_size
     projection = np.random.default_rng(0).standard_normal((size * size * 3, dim)) / size
@@ -72,13 +74,13 @@ def smoke_features(dim: int = 16) -> cli.Features:
     def fn(images: np.ndarray) -> np.ndarray:
         return (images.reshape(len(images), -1) / 255.0) @ projection
 
-    return cli.Features(f"smoke-pixel-projection-{dim}", fn)
+    return fid_module.Features(f"smoke-pixel-projection-{dim}", fn)
 
 
-def smoke_reference(features: cli.Features) -> tuple[np.ndarray, np.ndarray]:
+def smoke_reference(features: fid_module.Features) -> tuple[np.ndarray, np.ndarray]:
     """Statistics of 512 patches of the offline photo, in place of CIFAR-10."""
     patches = float_to_pixels(load_offline_images(size=SMOKE_CONFIG.image_size, n=512)).permute(0, 2, 3, 1).numpy()
-    return cli.image_statistics(patches, features)
+    return fid_module.image_statistics(patches, features)
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -97,11 +99,11 @@ def check_args(args) -> None:
         fail("--batch-size and --fid-batch-size must be at least 1")
     try:
         for eta in args.etas:
-            cli.check_method("ddim", eta, "euler")
+            generate.check_method("ddim", eta, "euler")
         for S in args.steps:
             linear_schedule().timesteps(S, args.spacing)
-        cli.resolve_device(args.device)
-    except (cli.CommandError, ValueError) as e:
+        resolve_device(args.device)
+    except ValueError as e:
         fail(str(e))
 
 
@@ -116,9 +118,9 @@ def setup(args):
     except (FileNotFoundError, ValueError, ImportError) as e:
         fail(f"cannot load the pretrained model: {e}")
     try:
-        features = cli.inception_features(args.inception_weights, args.device)
-        reference = cli.cifar10_statistics(features, args.stats, cifar10=args.cifar10, batch_size=args.fid_batch_size)
-    except (cli.CommandError, FileNotFoundError, ValueError, ImportError) as e:
+        features = fid_module.inception_features(args.inception_weights, args.device)
+        reference = fid_module.cifar10_statistics(features, args.stats, cifar10=args.cifar10, batch_size=args.fid_batch_size)
+    except (FileNotFoundError, ValueError, ImportError) as e:
         fail(f"FID is not available: {e}")
     return model, str(args.model), features, reference, "CIFAR-10 train (50000 images)"
 
@@ -129,7 +131,7 @@ def run_cell(model, args, features, reference, row, S: int, source: str) -> dict
     result_file = folder / "fid.json"
     method, eta = (SIGMA_HAT, 0.0) if row == SIGMA_HAT else ("ddim", float(row))
     start = time.perf_counter()
-    samples = cli.generate(model, folder, method=method, steps=S, eta=eta, spacing=args.spacing,
+    samples = generate.generate(model, folder, method=method, steps=S, eta=eta, spacing=args.spacing,
                            num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
                            device=args.device, grid=64, keep_shards=False, progress=not args.quiet,
                            source=source)
@@ -138,14 +140,14 @@ def run_cell(model, args, features, reference, row, S: int, source: str) -> dict
         if result.get("features") == features.name:
             return result
     seconds = time.perf_counter() - start
-    images = cli.load_images(samples)
-    score = cli.fid(images, reference, features, batch_size=args.fid_batch_size, progress=not args.quiet)
+    images = generate.load_images(samples)
+    score = fid_module.fid(images, reference, features, batch_size=args.fid_batch_size, progress=not args.quiet)
     result = {"fid": score, "features": features.name, "num_images": len(images), "seconds": seconds}
     result_file.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def markdown(results: dict, args, rows, features: cli.Features, reference_name: str, source: str, weights: str) -> str:
+def markdown(results: dict, args, rows, features: fid_module.Features, reference_name: str, source: str, weights: str) -> str:
     schedule = linear_schedule()
     evals = {S: len(schedule.timesteps(S, args.spacing)) for S in args.steps}
     lines = [
@@ -177,7 +179,7 @@ def markdown(results: dict, args, rows, features: cli.Features, reference_name: 
          "DDPM's linear β schedule, T = 1000."),
         (f"- Samples: {args.num_images} per cell, batches of {args.batch_size}, seed {args.seed} (image i's x_T is drawn "
          "from a generator seeded from (seed, i), so every row starts from the same x_T), float32 on "
-         f"{args.device or cli.default_device()}."),
+         f"{resolve_device(args.device)}."),
         (f"- τ: {tau_note}; sampling starts at the largest τ. Network evaluations per sample: "
          + ", ".join(f"S = {S}: {n}" for S, n in evals.items()) + "."),
         ("- Rows: Eq 12 with σ(η) of Eq 16 (`ddim_edu.sampling.ddim_steps`, no clipping); σ̂ as the paper's code runs it "
@@ -226,7 +228,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     check_args(args)
     model, source, features, reference, reference_name = setup(args)
-    weights = cli.weights_sha256(model)
+    weights = generate.weights_sha256(model)
     rows = [*args.etas, *([] if args.no_sigma_hat else [SIGMA_HAT])]
     results = {}
     try:
@@ -238,7 +240,7 @@ def main(argv=None) -> Path:
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished batches are kept under {args.work_dir}: rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None
-    except (cli.CommandError, ValueError) as e:
+    except ValueError as e:
         fail(str(e))
     text = markdown(results, args, rows, features, reference_name, source, weights)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ Stages, each timed:
    "quad" grid τ (which starts at t = 800, σ ≈ 26), and at S = 50 on the "uniform" grid (which
    starts at t = 980, σ ≈ 130, where a briefly trained ε-model's errors are multiplied by σ),
    all from the same noise;
-4. a check of the samples: the sliced 2-Wasserstein distance (``ddim_edu.metrics``) of each set
+4. a check of the samples: the sliced 2-Wasserstein distance (``ddim_edu.evaluation.metrics``) of each set
    of samples to the held-out patches, beside the same distance for a second set of real patches
    (the floor, sampling error only) and for independent Gaussian pixels with the data's per-pixel
    mean and std (what a model that learnt only first and second moments per pixel would give);
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from ddim_edu.data import load_offline_images
-from ddim_edu.image_training import make_grid, train_image_model
-from ddim_edu.metrics import sliced_wasserstein
+from ddim_edu.image.data import load_offline_images
+from ddim_edu.image.training import make_grid, train_image_model
+from ddim_edu.evaluation.metrics import sliced_wasserstein
 from ddim_edu.schedules import linear_schedule
 from ddim_edu.solvers import sample
-from ddim_edu.unet import UNet, UNetConfig
+from ddim_edu.image.unet import UNet, UNetConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_throughput import ROOT, publish

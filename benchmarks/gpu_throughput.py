@@ -7,7 +7,7 @@ Without a GPU the same measurements run on the CPU with a tiny UNet (16×16, bas
 batch 16 and 32, S = 10, so that they finish in a minute or two.
 
 diffusers runs as a user runs ``DDIMPipeline``: a ``UNet2DModel`` holding the same weights
-(:func:`ddim_edu.pretrained.to_diffusers_state_dict`), ``DDIMScheduler`` with the same schedule and
+(:func:`ddim_edu.image.pretrained.to_diffusers_state_dict`), ``DDIMScheduler`` with the same schedule and
 timesteps (its "leading" spacing is our "uniform"; ``clip_sample=False`` as in the paper's Eq 12 and
 our default), ``pipe(batch_size=B, num_inference_steps=S, eta=0, generator=g, output_type="np")``.
 "diffusers default" is that pipeline in float32 without compile; "diffusers, same settings" runs it
@@ -47,13 +47,13 @@ from pathlib import Path
 
 import torch
 
-from ddim_edu.data import pixels_to_float
-from ddim_edu.image_training import train_image_model
-from ddim_edu.pretrained import diffusers_config, load_unet, to_diffusers_state_dict
+from ddim_edu.image.data import pixels_to_float
+from ddim_edu.image.training import train_image_model
+from ddim_edu.image.pretrained import diffusers_config, load_unet, to_diffusers_state_dict
 from ddim_edu.schedules import linear_schedule
 from ddim_edu.solvers import sample
 from ddim_edu.training import simple_loss
-from ddim_edu.unet import UNet, UNetConfig
+from ddim_edu.image.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -500,7 +500,7 @@ def main():
     parser.add_argument("--train-warmup", type=int, default=5, help="training steps before timing")
     parser.add_argument("--train-window", type=int, help="training steps per timed window (GPU: 20, CPU: 5)")
     parser.add_argument("--no-train", dest="train", action="store_false")
-    parser.add_argument("--weights", help="a diffusers folder or checkpoint for ddim_edu.pretrained.load_unet (optional)")
+    parser.add_argument("--weights", help="a diffusers folder or checkpoint for ddim_edu.image.pretrained.load_unet (optional)")
     parser.add_argument("--no-doc", dest="doc", action="store_false", help=f"print only, do not update {DOC.relative_to(ROOT)}")
     args = parser.parse_args()
     device = torch.device(args.device)

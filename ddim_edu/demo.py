@@ -2,7 +2,7 @@
 
     python -m ddim_edu.demo [--dataset swiss_roll] [--out outputs/demo] [--fast]
 
-Trains :class:`~ddim_edu.nets.MLPEps` with L_1 on fresh draws of the data set, then samples the
+Trains :class:`~ddim_edu.toy.nets.MLPEps` with L_1 on fresh draws of the data set, then samples the
 same x_T with Eq 12 over S ∈ {10, 20, 50, 100, 1000} × η ∈ {0, 0.2, 0.5, 1} and the σ̂ variant
 (the grid of the paper's Table 1; η = 1 with S = 1000 is DDPM). Quality is measured against the
 frozen held-out sample in ``toy_data/`` (lower is better) by the RBF MMD² (the headline: it sees
@@ -19,22 +19,19 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from .metrics import energy_distance, mmd_rbf  # noqa: E402
-from .nets import MLPEps  # noqa: E402
-from .schedules import SPACINGS, linear_schedule  # noqa: E402
-from .solvers import sample  # noqa: E402
-from .toy2d import DATASETS, load_frozen  # noqa: E402
-from .training import train_eps_model  # noqa: E402
+from .evaluation.metrics import energy_distance, mmd_rbf
+from .paper import SIGMA_HAT, table1_row_label
+from .schedules import SPACINGS, linear_schedule
+from .solvers import sample
+from .toy.datasets import DATASETS, load_frozen
+from .toy.nets import MLPEps
+from .training import train_eps_model
 
 STEPS = (10, 20, 50, 100, 1000)
 ETAS = (0.0, 0.2, 0.5, 1.0)
-SIGMA_HAT = "σ̂"
 
 
 def sample_grid(model, x_T, schedule, steps, etas, spacing, seed):
@@ -50,10 +47,6 @@ def sample_grid(model, x_T, schedule, steps, etas, spacing, seed):
     return out
 
 
-def row_label(row) -> str:
-    return SIGMA_HAT if row == SIGMA_HAT else f"η = {row:g}"
-
-
 def write_tables(results, steps, rows, out: Path) -> str:
     """The toy Table 1, one block per metric, as CSV and Markdown; returns the Markdown.
 
@@ -64,7 +57,7 @@ def write_tables(results, steps, rows, out: Path) -> str:
         writer.writerow(["metric", "row", *[f"S={S}" for S in steps]])
         for metric, (scores, floor) in results.items():
             for row in rows:
-                writer.writerow([metric, row_label(row), *[f"{scores[row, S]:.6g}" for S in steps]])
+                writer.writerow([metric, table1_row_label(row), *[f"{scores[row, S]:.6g}" for S in steps]])
             writer.writerow([metric, "data floor", *[f"{floor:.6g}"] * len(steps)])
     blocks = []
     for metric, (scores, floor) in results.items():
@@ -74,7 +67,7 @@ def write_tables(results, steps, rows, out: Path) -> str:
         for row in rows:
             cells = [(f"**{1e3 * scores[row, S]:.2f}**" if best[S] == row else f"{1e3 * scores[row, S]:.2f}")
                      for S in steps]
-            lines.append(f"| {row_label(row)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {table1_row_label(row)} | " + " | ".join(cells) + " |")
         lines.append("| two data samples | " + " | ".join(f"{1e3 * floor:.2f}" for _ in steps) + " |")
         blocks.append("\n".join(lines) + "\n")
     markdown = "\n".join(blocks)
@@ -93,7 +86,7 @@ def plot_samples(samples, heldout, steps, rows, path: Path, title: str):
             if r == 0:
                 ax.set_title(f"S = {S}" + (" (DDPM at η = 1)" if S == 1000 else ""), fontsize=8)
             if c == 0:
-                ax.set_ylabel(row_label(row))
+                ax.set_ylabel(table1_row_label(row))
         axes[r, -1].scatter(heldout[:, 0], heldout[:, 1], s=0.5, alpha=0.5, color="k")
         if r == 0:
             axes[r, -1].set_title("held-out data", fontsize=8)
@@ -111,7 +104,7 @@ def plot_samples(samples, heldout, steps, rows, path: Path, title: str):
 def plot_table(scores, floor, steps, rows, path: Path, title: str, metric: str):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for row in rows:
-        ax.plot(steps, [scores[row, S] for S in steps], "o-" if row != SIGMA_HAT else "s--", label=row_label(row),
+        ax.plot(steps, [scores[row, S] for S in steps], "o-" if row != SIGMA_HAT else "s--", label=table1_row_label(row),
                 color="C4" if row == SIGMA_HAT else None)
     ax.axhline(floor, color="k", ls=":", label="two data samples")
     ax.set_xscale("log")

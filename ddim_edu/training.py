@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .checks import check_int
+from .utils.checks import check_int
 from .forward import q_sample
 from .schedules import Schedule
 
@@ -92,7 +92,7 @@ def train_eps_model(
     later ones set ``θ_ema ← decay θ_ema + (1 − decay) θ`` (parameters and buffers alike).
     ``callback(step, loss, model, ema)``, if given, runs after each step's EMA update.
 
-    The defaults fit the 2-D toy sets of :mod:`ddim_edu.toy2d` with :class:`~ddim_edu.nets.MLPEps`
+    The defaults fit the 2-D toy sets of :mod:`ddim_edu.toy.datasets` with :class:`~ddim_edu.toy.nets.MLPEps`
     (hidden 128, 3 blocks): 8000 steps take about 55 s on a CPU (≈145 steps/s, 6–7 ms per step) and
     give DDIM samples of ``swiss_roll`` and ``eight_gaussians`` as close to held-out data as a second
     data sample is; half as many leave visibly diffuse points. Fine, tightly wound structure

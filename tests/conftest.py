@@ -1,4 +1,5 @@
 import math
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_torch_fidelity(monkeypatch):
+    """As if torch-fidelity were not installed: importing it, or the submodule we use, raises ImportError
+    (a submodule already imported stays in sys.modules and would be found without its package)."""
+    for name in ("torch_fidelity", "torch_fidelity.feature_extractor_inceptionv3"):
+        monkeypatch.setitem(sys.modules, name, None)
 
 
 @pytest.fixture(scope="session")

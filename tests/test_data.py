@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_edu import data
-from ddim_edu.data import (
+from ddim_edu.image import data
+from ddim_edu.image.data import (
     CIFAR10_ENV,
     CIFAR10_URL,
     extract_cifar10,

@@ -9,8 +9,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from ddim_edu.data import load_offline_images
-from ddim_edu.image_training import (
+from ddim_edu.image.data import load_offline_images
+from ddim_edu.image.training import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
     make_grid,
@@ -185,7 +185,7 @@ def test_corrupt_checkpoint_gives_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_checkpoint(ckpt)
     torch.save({"weights": torch.zeros(2)}, ckpt)
-    with pytest.raises(ValueError, match="not a ddim_edu.image_training"):
+    with pytest.raises(ValueError, match="not a ddim_edu.image.training"):
         load_checkpoint(ckpt)
     torch.save({"obj": nn.Linear(1, 1)}, ckpt)  # a pickled module: refused by weights_only
     with pytest.raises(ValueError, match=r"pickles torch\.nn\.modules\.linear\.Linear, not only tensors"):
@@ -209,7 +209,7 @@ def test_unet_checkpoint_stores_its_config_and_data_must_fit(tmp_path):
     """A UNet's config travels with the checkpoint (the CLI samples from it without --config); data of another
     image size than the UNet's is refused before training."""
     from ddim_edu import cli
-    from ddim_edu.unet import UNet, UNetConfig
+    from ddim_edu.image.unet import UNet, UNetConfig
 
     config = UNetConfig(image_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
                         norm_groups=8, dropout=0.0)

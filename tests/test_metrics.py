@@ -5,8 +5,8 @@ import pytest
 import scipy.stats
 import torch
 
-from ddim_edu import metrics
-from ddim_edu.metrics import energy_distance, mmd_rbf, sliced_wasserstein
+from ddim_edu.evaluation import metrics
+from ddim_edu.evaluation.metrics import energy_distance, mmd_rbf, sliced_wasserstein
 
 
 def _normal(n, d, seed, shift=0.0):

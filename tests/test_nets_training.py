@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from ddim_edu.nets import MLPEps, sinusoidal_embedding
+from ddim_edu.toy.nets import MLPEps, sinusoidal_embedding
 from ddim_edu.schedules import linear_schedule
-from ddim_edu.toy2d import eight_gaussians
+from ddim_edu.toy.datasets import eight_gaussians
 from ddim_edu.training import TrainResult, simple_loss, train_eps_model, warmup_cosine
 
 SCHEDULE = linear_schedule()

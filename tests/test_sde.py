@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ddim_edu.forward import q_sample
-from ddim_edu.metrics import energy_distance
+from ddim_edu.evaluation.metrics import energy_distance
 from ddim_edu.mixture import GaussianMixture
 from ddim_edu.ode import probability_flow
 from ddim_edu.schedules import cosine_schedule, linear_schedule

@@ -248,7 +248,7 @@ def test_mixture_flow_reaches_the_closed_form_x0(sched):
 
 def test_sample_and_encode_build_no_graph(sched):
     """An nn.Module model: sample and encode run without autograd (as the Eq 12 samplers do); integrate keeps it."""
-    from ddim_edu.nets import MLPEps
+    from ddim_edu.toy.nets import MLPEps
 
     net = MLPEps().double()
     tau = sched.timesteps(4, "trailing")

@@ -131,7 +131,7 @@ def test_sigma_zero_is_rejected(sched, sigma_1):
 
 def test_theorem1_for_untrained_and_trained_networks(sched, sigma_1):
     """The same constant C for two real networks (random and trained with L_1) and the exact ε."""
-    from ddim_edu.nets import MLPEps
+    from ddim_edu.toy.nets import MLPEps
     from ddim_edu.training import train_eps_model
 
     data = GaussianMixture.ring(K=8, radius=1.0, std=0.05)

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from ddim_edu.pretrained import (
+from ddim_edu.image.pretrained import (
     CheckpointError,
     config_from_diffusers,
     diffusers_config,
@@ -17,7 +17,7 @@ from ddim_edu.pretrained import (
     to_reference_state_dict,
     unet_from_state_dict,
 )
-from ddim_edu.unet import UNet, UNetConfig
+from ddim_edu.image.unet import UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (the 'compare' extra) is not installed")
 safetensors_torch = pytest.importorskip("safetensors.torch")

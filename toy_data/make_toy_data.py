@@ -1,4 +1,4 @@
-"""Regenerate the frozen toy samples ``toy_data/<name>.csv`` from the generators in ddim_edu.toy2d.
+"""Regenerate the frozen toy samples ``toy_data/<name>.csv`` from the generators in ddim_edu.toy.datasets.
 
 Run from the repository root:  python toy_data/make_toy_data.py
 Each file holds N points drawn with a fresh ``torch.Generator().manual_seed(SEED)``, written with
@@ -14,7 +14,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository root, so ddim_edu imports without installing
 
-from ddim_edu.toy2d import DATASETS  # noqa: E402
+from ddim_edu.toy.datasets import DATASETS  # noqa: E402
 
 SEED = 2021  # differs from the training default seed 0, so the frozen files are held out
 N = 2000

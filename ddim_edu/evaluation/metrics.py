@@ -116,7 +116,7 @@ def mmd_rbf(x, y, bandwidths: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
     """Squared MMD ``E k(X,X') + E k(Y,Y') − 2E k(X,Y)`` with ``k(a,b) = Σ_h exp(−|a−b|²/(2h²))``.
 
     One Gaussian kernel per bandwidth h, summed, so that both fine and coarse mismatches count; the
-    defaults suit data at the scale of :mod:`ddim_edu.toy2d` (about [−2, 2]²). By default the
+    defaults suit data at the scale of :mod:`ddim_edu.toy.datasets` (about [−2, 2]²). By default the
     V-statistic (all pairs, diagonal included: ≥ 0, biased upwards by about ``K (1/n + 1/m)`` with K
     the number of bandwidths, minus the off-diagonal means over n and m); ``unbiased=True`` drops the
     diagonal terms, giving Gretton et al.'s unbiased MMD²_u, which can be slightly negative.

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from ddim_edu import toy2d
-from ddim_edu.toy2d import DATASETS, load_frozen
+from ddim_edu.toy import datasets as toy2d
+from ddim_edu.toy.datasets import DATASETS, load_frozen
 
 
 def _load_make_script():

@@ -9,7 +9,7 @@ horizontal flips, batch 128. :func:`train_image_model` does this for any ``nn.Mo
 - all randomness of a step (minibatch indices, flips, timesteps t, noise ε) comes from one
   ``torch.Generator`` seeded with ``seed``, drawn for the whole (global) batch in a fixed order;
 - checkpoints hold model, EMA, optimiser, lr scheduler, step, loss history, the random states
-  (torch's CPU and CUDA generators and the data generator) and, for a :class:`~ddim_edu.unet.UNet`,
+  (torch's CPU and CUDA generators and the data generator) and, for a :class:`~ddim_edu.image.unet.UNet`,
   its config (so that ``python -m ddim_edu sample --checkpoint`` needs no ``--config``), as plain
   tensors and Python values, so
   ``torch.load(path, weights_only=True)`` reads them; they are written atomically (temporary file
@@ -39,17 +39,24 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .checks import check_int
-from .data import float_to_pixels, pixels_to_float
-from .files import atomic_write, load_weights_only
-from .forward import q_sample
-from .interrupts import sigterm_as_keyboard_interrupt
-from .schedules import Schedule
-from .solvers import sample
-from .training import simple_loss
-from .unet import UNetConfig
+from ..forward import q_sample
+from ..schedules import Schedule
+from ..solvers import sample
+from ..training import simple_loss
+from ..utils.checks import check_int
+from ..utils.files import atomic_write, load_weights_only
+from ..utils.seeds import derive_seed
+from ..utils.signals import sigterm_as_keyboard_interrupt
+from .data import pixels_to_float
+from .grids import make_grid, save_png
+from .pretrained import unet_from_state_dict
+from .unet import UNet, UNetConfig
 
 CHECKPOINT_FORMAT = "ddim_edu.image_training/1"
+# Under DDP, torch's generators (dropout) are seeded per (rank, step) from this stream: shared
+# generators would give every rank the same masks, and states carried from step to step would differ
+# per rank and would all have to be checkpointed.
+_STREAM_DROPOUT = 2
 _CHECKPOINT_KEYS = ("format", "step", "model", "ema", "ema_n_averaged", "optimizer", "scheduler", "rng", "losses", "config")
 
 
@@ -94,45 +101,11 @@ def shard_loss(model, x0: Tensor, schedule: Schedule, generator: torch.Generator
     return (pred - eps).pow(2).flatten(1).sum(1).mean()
 
 
-# --- image grids -------------------------------------------------------------------------------------
-
-
-def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
-    """Tile images [B, C, H, W] in [-1, 1] into one uint8 array [rows·(H+p)+p, nrow·(W+p)+p, C].
-
-    ``nrow`` images per row (default ``ceil(sqrt(B))``); ``padding`` pixels of ``pad_value`` between
-    and around them. C is 1 (grey) or 3 (RGB).
-    """
-    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] < 1:
-        raise ValueError(f"images must be a tensor [B, C, H, W] with C in (1, 3) and B >= 1, got {getattr(images, 'shape', images)}")
-    B, C, H, W = images.shape
-    nrow = nrow or math.ceil(math.sqrt(B))
-    rows = math.ceil(B / nrow)
-    pixels = float_to_pixels(images.cpu()).permute(0, 2, 3, 1).numpy()  # [B, H, W, C]
-    grid = np.full((rows * (H + padding) + padding, nrow * (W + padding) + padding, C), pad_value, dtype=np.uint8)
-    for i in range(B):
-        r, c = divmod(i, nrow)
-        top, left = padding + r * (H + padding), padding + c * (W + padding)
-        grid[top:top + H, left:left + W] = pixels[i]
-    return grid
-
-
-def save_image_grid(images: Tensor, path, nrow: int | None = None, padding: int = 2) -> Path:
-    """Write :func:`make_grid` of ``images`` (in [-1, 1]) as a PNG file (through matplotlib); returns the path."""
-    import matplotlib.image
-
-    grid = make_grid(images, nrow, padding)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    matplotlib.image.imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255, format="png")
-    return path
-
-
 # --- checkpoints ---------------------------------------------------------------------------------------
 
 
 def save_checkpoint(path, checkpoint: dict) -> Path:
-    """``torch.save`` to ``path`` atomically (:func:`ddim_edu.files.atomic_write`): if anything fails
+    """``torch.save`` to ``path`` atomically (:func:`ddim_edu.utils.files.atomic_write`): if anything fails
     (or Ctrl-C arrives) before the rename, the previous file at ``path`` is untouched."""
     path = Path(path)
     with atomic_write(path) as f:
@@ -154,11 +127,39 @@ def load_checkpoint(path) -> dict:
     except ValueError as err:
         raise ValueError(f"checkpoint {err}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (written by ddim_edu.image_training.train_image_model)")
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (written by ddim_edu.image.training.train_image_model)")
     missing = [k for k in _CHECKPOINT_KEYS if k not in checkpoint]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {missing}; it is damaged or from another version")
     return checkpoint
+
+
+CHECKPOINT_WEIGHTS = ("ema", "model")
+
+
+def load_checkpoint_unet(path, config: UNetConfig | None = None, weights: str = "ema") -> UNet:
+    """A :func:`ddim_edu.image.training.train_image_model` checkpoint's EMA weights (or, with
+    ``weights="model"``, the trained weights themselves) as a UNet (eval mode).
+
+    The file is read with ``torch.load(..., weights_only=True)``; its ``"ema"`` and ``"model"`` entries
+    are state dicts of the bare model. The EMA is what one samples from after a long run; early in a
+    run (fewer than about 1/(1 − decay) steps) it is still close to the initial weights. The
+    architecture is ``config`` if given, else the one the trainer stored with a UNet
+    (``"unet_config"``), else the CIFAR-10 UNet.
+    """
+    if weights not in CHECKPOINT_WEIGHTS:
+        raise ValueError(f"weights must be one of {CHECKPOINT_WEIGHTS}, got {weights!r}")
+    try:
+        checkpoint = load_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; for a plain state dict or a diffusers folder use load_unet (--model)") from None
+    stored = checkpoint.get("unet_config")
+    if config is None and stored is not None:
+        try:
+            config = UNetConfig(**stored)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path} stores a UNet config that cannot be used ({e}); pass config= (--config)") from None
+    return unet_from_state_dict(checkpoint[weights], config, source=f"{path} ({weights} weights)")
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -205,16 +206,6 @@ def _sync_ranks(step: int, generator: torch.Generator, device: torch.device, che
                          f"{dist.get_rank()} at step {step}): every rank must see the same checkpoint {checkpoint} "
                          "(put it on a shared file system)")
     generator.set_state(_broadcast_(generator.get_state(), device))
-
-
-def rank_step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of torch's generators for one DDP rank at one step: distinct per rank, a function of the step alone.
-
-    Shared generators would give every rank the same dropout masks (the ranks' shares of the batch
-    would see one mask pattern); states carried from step to step would differ per rank and all have
-    to be checkpointed. ``SeedSequence`` mixes the three integers into independent 64-bit seeds.
-    """
-    return int(np.random.SeedSequence([seed % 2**64, rank, step]).generate_state(1, np.uint64)[0])
 
 
 def _global_mean(loss: Tensor, world: int) -> Tensor:
@@ -280,7 +271,7 @@ def train_image_model(
     hold the bare model's weights either way.
     ``callback(step, loss, model, ema)`` runs after every step (0-based ``step``, global-batch loss).
     Under DDP, torch's generators (which dropout draws from) are seeded at every step from
-    (``seed``, rank, step) by :func:`rank_step_seed`: each rank draws its own masks, and resuming
+    (``seed``, rank, step) by :func:`~ddim_edu.utils.seeds.derive_seed`: each rank draws its own masks, and resuming
     needs no per-rank state. The one-process equality holds for models without randomness in ``forward``.
     """
     if not isinstance(model, nn.Module):
@@ -382,7 +373,7 @@ def train_image_model(
         with torch.no_grad():
             x0 = sample(ema, sample_noise.to(device), schedule, schedule.timesteps(min(sample_steps, schedule.T)), method="ddim", eta=0.0)
         ema.train(was_training)
-        save_image_grid(x0, Path(sample_dir) / f"samples_{step:07d}.png")
+        save_png(make_grid(x0), Path(sample_dir) / f"samples_{step:07d}.png")
 
     losses = torch.zeros(max(0, steps - start_step), dtype=torch.float64, device=device)
 
@@ -407,7 +398,7 @@ def train_image_model(
                     x0 = torch.where(flip.to(device)[:, None, None, None], x0.flip(-1), x0)
                 x0 = x0.contiguous(memory_format=memory_format)
                 if world > 1:
-                    torch.manual_seed(rank_step_seed(seed, rank, step))  # this rank's dropout masks
+                    torch.manual_seed(derive_seed(seed, _STREAM_DROPOUT, rank, step))  # this rank's dropout masks
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     if world == 1:
                         loss = simple_loss(forward, x0, schedule, generator)

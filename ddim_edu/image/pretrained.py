@@ -1,4 +1,4 @@
-"""Load pretrained DDPM weights into :class:`ddim_edu.unet.UNet`: ``load_unet(path_or_name) -> UNet`` (eval mode).
+"""Load pretrained DDPM weights into :class:`ddim_edu.image.unet.UNet`: ``load_unet(path_or_name) -> UNet`` (eval mode).
 
 Three layouts of the same network are read; keys are mapped, never matched loosely: a checkpoint
 that does not fit (missing or unexpected keys, wrong shapes) raises :class:`CheckpointError`
@@ -54,7 +54,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .files import load_weights_only
+from ..utils.files import load_weights_only
 from .unet import UNet, UNetConfig
 
 CONFIG_NAME = "config.json"
@@ -165,6 +165,23 @@ def config_from_diffusers(cfg: Mapping) -> UNetConfig:
         raise CheckpointError(f"the diffusers config does not give a valid UNetConfig: {e}") from None
 
 
+def read_unet_config(path) -> UNetConfig:
+    """A :class:`UNetConfig` from a JSON file: a diffusers ``config.json`` or the fields of UNetConfig."""
+    path = Path(path)
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the model config {path}: {e}") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(fields).__name__}")
+    if "block_out_channels" in fields:  # diffusers' UNet2DModel config
+        return config_from_diffusers(fields)
+    try:
+        return UNetConfig(**fields)
+    except TypeError as e:
+        raise CheckpointError(f"{path} is neither a diffusers config.json nor UNetConfig fields: {e}") from None
+
+
 def diffusers_config(config: UNetConfig) -> dict:
     """The ``UNet2DModel`` keyword arguments (config.json contents) of the same network: the inverse of :func:`config_from_diffusers`."""
     c = config
@@ -257,8 +274,8 @@ def unet_from_state_dict(state_dict: Mapping[str, Tensor], config: UNetConfig | 
                     "dict you want (states[-1] is the EMA, the weights to sample with) to unet_from_state_dict.")
         raise CheckpointError(f"{source} holds a {type(state_dict).__name__}, not a state dict of tensors.{hint}")
     if isinstance(state_dict.get("ema"), dict) and "step" in state_dict:
-        raise CheckpointError(f"{source} is a training checkpoint of ddim_edu.image_training, not a state dict: "
-                              "sample from its EMA weights with --checkpoint (in Python, cli.load_checkpoint_unet)")
+        raise CheckpointError(f"{source} is a training checkpoint of ddim_edu.image.training, not a state dict: "
+                              "sample from its EMA weights with --checkpoint (in Python, ddim_edu.image.training.load_checkpoint_unet)")
     bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(f"{source}: " + _listing("entries that are not named tensors", [repr(k) for k in bad]))

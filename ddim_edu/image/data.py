@@ -45,7 +45,7 @@ CIFAR10_FILES = {
 RECORD_BYTES = 1 + 3 * 32 * 32  # one label byte, then the R, G and B planes
 
 #: Folder of the frozen data, ``<repository>/toy_data`` (not a python package).
-TOY_DATA_DIR = Path(__file__).resolve().parent.parent / "toy_data"
+TOY_DATA_DIR = Path(__file__).resolve().parents[2] / "toy_data"
 OFFLINE_PHOTO = TOY_DATA_DIR / "grace_hopper_half.npz"
 
 
@@ -358,7 +358,7 @@ def load_offline_photo() -> Tensor:
     if not OFFLINE_PHOTO.is_file():
         raise FileNotFoundError(
             f"{OFFLINE_PHOTO} is missing; rebuild it (from matplotlib's bundled sample photo, offline) with\n"
-            f"    python -c \"from ddim_edu.data import make_offline_photo, OFFLINE_PHOTO; make_offline_photo(OFFLINE_PHOTO)\""
+            f"    python -c \"from ddim_edu.image.data import make_offline_photo, OFFLINE_PHOTO; make_offline_photo(OFFLINE_PHOTO)\""
         )
     with np.load(OFFLINE_PHOTO, allow_pickle=False) as npz:
         photo = npz["photo"]

@@ -3,12 +3,14 @@ torch files without unpickling anything but tensors."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -66,3 +68,20 @@ def load_weights_only(path):
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0]) if str(e) else "it ends early"
         raise ValueError(f"{path} cannot be read: it is truncated or corrupt ({type(e).__name__}: {reason})") from None
+
+
+def save_npz_atomic(path, **arrays: np.ndarray) -> Path:
+    """``np.savez`` (uncompressed) to ``path`` atomically: a crash or Ctrl-C never leaves a torn file."""
+    path = Path(path)
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+    return path
+
+
+def save_json_atomic(path, obj: dict) -> Path:
+    """A JSON object written atomically, one key per line (long lists such as the timesteps stay on their line)."""
+    text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items()) + "\n}\n"
+    path = Path(path)
+    with atomic_write(path) as f:
+        f.write(text.encode())
+    return path

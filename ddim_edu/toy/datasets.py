@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 #: Folder of the frozen samples, ``<repository>/toy_data`` (not a python package).
-TOY_DATA_DIR = Path(__file__).resolve().parent.parent / "toy_data"
+TOY_DATA_DIR = Path(__file__).resolve().parents[2] / "toy_data"
 
 
 def _check(n, generator) -> int:

@@ -10,7 +10,7 @@ attention_resolutions=(8,), norm_groups=8)``.
 
 Parameter names follow the DDPM code (``temb.dense``, ``down[i].block[j]``, ``down[i].attn[j]``,
 ``mid.block_1``, ``up[i]`` indexed by resolution level, ``nin_shortcut``, ...), so a state dict can
-be read side by side with it; :mod:`ddim_edu.pretrained` maps diffusers' ``UNet2DModel`` names
+be read side by side with it; :mod:`ddim_edu.image.pretrained` maps diffusers' ``UNet2DModel`` names
 onto these. Every numerical detail matches diffusers' ``UNet2DModel`` with the config of
 ``google/ddpm-cifar10-32`` (``flip_sin_to_cos=False``, ``freq_shift=1``, ``downsample_padding=0``,
 ``norm_eps=1e-6``, one attention head), which in turn matches the original TensorFlow model.

@@ -1,0 +1,1 @@
+"""Evaluation: distances between point clouds and the Fréchet Inception Distance for images."""

@@ -1,0 +1,1 @@
+"""The image leg: the DDPM UNet, image data, pretrained weights, training and resumable generation."""

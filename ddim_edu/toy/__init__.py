@@ -1,0 +1,1 @@
+"""The toy leg: two-dimensional data sets and a small ε-MLP, where every sampler can be seen at work."""

@@ -1,0 +1,1 @@
+"""Helpers with no mathematics in them: input checks, atomic files, derived seeds, signals."""
