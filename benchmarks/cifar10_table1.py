@@ -32,6 +32,7 @@ import torch
 
 from ddim_edu.evaluation import fid as fid_module
 from ddim_edu.image import generate
+from ddim_edu.solvers import check_options
 from ddim_edu.utils.checks import resolve_device
 from ddim_edu.image.data import float_to_pixels, load_offline_images
 from ddim_edu.paper import SIGMA_HAT, TABLE1_FID, table1_row_label
@@ -99,7 +100,7 @@ def check_args(args) -> None:
         fail("--batch-size and --fid-batch-size must be at least 1")
     try:
         for eta in args.etas:
-            generate.check_method("ddim", eta, "euler")
+            check_options("ddim", eta=eta)
         for S in args.steps:
             linear_schedule().timesteps(S, args.spacing)
         resolve_device(args.device)
@@ -167,9 +168,10 @@ def markdown(results: dict, args, rows, features: fid_module.Features, reference
             cells.append(ours + (f" ({paper:.2f})" if paper is not None else ""))
         lines.append(f"| {table1_row_label(row)} | " + " | ".join(cells) + " |")
     tau_note = {
-        "quad": "the quadratic τ_i = ⌊(linspace(0, sqrt(0.8 T), S))²⌋ the paper used for CIFAR-10 "
-                "(repeated small indices are dropped: a step from a timestep to itself is the identity)",
-        "uniform": "the uniform τ = 0, T/S, 2T/S, … of the paper's code",
+        "quad": "the quadratic τ_i = int() of numpy's linspace(0, sqrt(0.8 T), S)², as the paper's code computes it "
+                "for CIFAR-10 (repeated small indices are dropped: a step from a timestep to itself is the identity)",
+        "uniform": "the uniform τ = range(0, T, ⌊T/S⌋) of the paper's code (0, T/S, 2T/S, … when S divides T)",
+        "leading": "τ_i = (i-1)·⌊T/S⌋, exactly S points (diffusers' \"leading\" spacing)",
     }.get(args.spacing, f"the {args.spacing!r} spacing of ddim_edu.schedules")
     lines += [
         "",

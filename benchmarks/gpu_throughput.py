@@ -1,18 +1,19 @@
 """Sampling and training throughput: ddim_edu's DDIM sampler and trainer side by side with diffusers' DDIMPipeline.
 
 On a GPU the network is the DDPM CIFAR-10 UNet (``UNetConfig()``, 35.7M parameters). Sampling is
-DDIM (Eq 12, η = 0) with S = 50 uniform steps at batch 256 and 1024, in float32 and under bfloat16
+DDIM (Eq 12, η = 0) with S = 50 evenly spaced steps at batch 256 and 1024, in float32 and under bfloat16
 autocast, with and without ``torch.compile``; training is batch 128 with AdamW under bf16 autocast.
 Without a GPU the same measurements run on the CPU with a tiny UNet (16×16, base 32, two levels),
 batch 16 and 32, S = 10, so that they finish in a minute or two.
 
 diffusers runs as a user runs ``DDIMPipeline``: a ``UNet2DModel`` holding the same weights
 (:func:`ddim_edu.image.pretrained.to_diffusers_state_dict`), ``DDIMScheduler`` with the same schedule and
-timesteps (its "leading" spacing is our "uniform"; ``clip_sample=False`` as in the paper's Eq 12 and
-our default), ``pipe(batch_size=B, num_inference_steps=S, eta=0, generator=g, output_type="np")``.
+timesteps (its "leading" spacing is our ``"leading"``: S points 0, ⌊T/S⌋, …, the same as ``"uniform"`` when S
+divides T; ``clip_sample=False`` as in the paper's Eq 12 and our default),
+``pipe(batch_size=B, num_inference_steps=S, eta=0, generator=g, output_type="np")``.
 "diffusers default" is that pipeline in float32 without compile; "diffusers, same settings" runs it
 under the same autocast and ``torch.compile`` as ours. Ours does the same work: noise drawn on the
-device, ``sample(model, x_T, schedule, schedule.timesteps(S), method="ddim")``, and the pipeline's
+device, ``sample(model, x_T, schedule, schedule.timesteps(S, "leading"), method="ddim")``, and the pipeline's
 post-processing to a numpy array on the host.
 
 Timing: a warm-up run with S = 2 (same shapes, so it triggers every compilation; reported as
@@ -156,7 +157,8 @@ def ours_sampler(model, schedule, shape, device, bf16: bool, check_finite: bool 
         g = torch.Generator(device).manual_seed(0)
         x_T = torch.randn(shape, generator=g, device=device)
         with autocast(device, bf16):
-            x0 = sample(model, x_T, schedule, schedule.timesteps(S), method="ddim", eta=0.0, check_finite=check_finite)
+            x0 = sample(model, x_T, schedule, schedule.timesteps(S, "leading"), method="ddim", eta=0.0,
+                        check_finite=check_finite)
         return postprocess(x0)
 
     return run
@@ -203,7 +205,7 @@ def pipeline(DDIMPipeline, unet, scheduler):
 def agreement(model, unet, scheduler, schedule, shape, S, device) -> float:
     """max |x_0(ours) - x_0(diffusers)| / max |x_0| from the same noise, float32, before clamping to [-1, 1]."""
     x_T = torch.randn(shape, generator=torch.Generator(device).manual_seed(1), device=device)
-    ours = sample(model, x_T, schedule, schedule.timesteps(S), method="ddim", eta=0.0)
+    ours = sample(model, x_T, schedule, schedule.timesteps(S, "leading"), method="ddim", eta=0.0)
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(S)
     x = x_T
@@ -395,7 +397,7 @@ def report(rows: list[Row], train: list[tuple[str, Timing]], args, device, confi
         "",
         f"Network: `UNet({'UNetConfig()' if config == UNetConfig() else config})`, {n_params / 1e6:.2f}M parameters, "
         f"{'weights from ' + args.weights if args.weights else 'random weights (speed does not depend on them)'}. "
-        f"Sampling: DDIM, η = 0, **S = {S}** uniform steps (diffusers: `DDIMScheduler`, \"leading\" spacing, "
+        f"Sampling: DDIM, η = 0, **S = {S}** steps 0, ⌊T/S⌋, … (our \"leading\" τ; diffusers: `DDIMScheduler`, \"leading\" spacing, "
         f"the same timesteps), noise drawn on the device, output a host numpy array as `DDIMPipeline(output_type=\"np\")` "
         f"gives. From the same noise in fp32 the two samplers agree to {agree:.1e} (max |Δx_0| / max |x_0|). "
         f"Median of {args.repeats} runs after a warm-up run (S = 2, which also compiles); "

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = (5, 10, 20, 50, 100)  # NFE targets
 T_MINS = (0, 3, 10, 25)  # smallest timestep of the fractional grids
 FRACTIONAL = ("linear", "karras", "logsnr")
-GRIDS = ("uniform", "trailing", *(f"{s}@{t}" for s in FRACTIONAL for t in T_MINS))
+GRIDS = ("leading", "trailing", *(f"{s}@{t}" for s in FRACTIONAL for t in T_MINS))
 RTOL = ATOL = 1e-10  # the reference's tolerances
 EXTRAPOLATED = "+x0"  # suffix of a row whose last step is final_step="extrapolate"
 OURS = ("ddim", *METHODS, *(m + EXTRAPOLATED for m in METHODS))
@@ -52,7 +52,7 @@ def problems() -> dict[str, tuple[str, GaussianMixture]]:
 
 
 def grid(schedule, name: str, S: int):
-    """Timesteps τ_1 < … < τ_S of a grid: ``"uniform"``, ``"trailing"`` or ``"<spacing>@<t_min>"``."""
+    """Timesteps τ_1 < … < τ_S of a grid: ``"leading"``, ``"trailing"`` or ``"<spacing>@<t_min>"`` (all exactly S)."""
     spacing, _, t_min = name.partition("@")
     return schedule.timesteps(S, spacing, t_min=float(t_min)) if t_min else schedule.timesteps(S, spacing)
 
@@ -433,7 +433,7 @@ def markdown(rows, infos, peers_available, kdiff_note, seconds, n_points):
         f"{n_points} seeded points x_T ~ N(0, I) in float64, fed in at the largest timestep of each grid. "
         "Metric: RMSE of x_0 to a dopri5 solve of Eq 14 at rtol = atol = 1e-10 from σ(999) to σ = 0, "
         "with the mixture's ε as the field. Each cell: RMSE <sub>actual NFE · grid</sub>, for the grid that is "
-        "best for that row at the largest S with NFE ≤ the target. Grids: `uniform` (0, T/S, …: starts below 999), "
+        "best for that row at the largest S with NFE ≤ the target. Grids: `leading` (0, ⌊T/S⌋, …: starts below 999), "
         "`trailing` (…, 999), and `linear`/`karras`/`logsnr` from t_min to 999, written `logsnr@10` for "
         "t_min = 10 (t_min ∈ {0, 3, 10, 25}); diffusers runs take their integer-rounded versions (duplicates "
         "dropped). NFE: S for ddim, `Method.nfe(S)` for an ODE method, S for the diffusers schedulers."),
@@ -471,7 +471,7 @@ def markdown(rows, infos, peers_available, kdiff_note, seconds, n_points):
             lines.append(f"| {label} | " + " | ".join(cell(best(rows, key, kind, method, t)) for t in TARGETS) + " |")
         lines += ["", "Ours on the stock integer grids:", "", head, rule]
         for method in ("ddim", *METHODS):
-            for g in ("uniform", "trailing"):
+            for g in ("leading", "trailing"):
                 cells = [cell(find(rows, problem=key, kind="ours", method=method, grid=g, target=t), show_grid=False)
                          for t in TARGETS]
                 lines.append(f"| {method} · {g} | " + " | ".join(cells) + " |")

@@ -25,12 +25,12 @@ from .evaluation.fid import (
     inception_features,
 )
 from .image.data import CIFAR10_URL, locate_cifar10
-from .image.generate import FRACTIONAL_SPACINGS, check_method, generate, load_images, method_listing, tolerances
+from .image.generate import FRACTIONAL_SPACINGS, generate, load_images, tolerances
 from .image.pretrained import load_unet, read_unet_config
 from .image.training import CHECKPOINT_WEIGHTS, load_checkpoint_unet
 from .image.unet import UNet
 from .schedules import SPACINGS
-from .solvers import ADAPTIVE, FINAL_STEPS
+from .solvers import ADAPTIVE, FINAL_STEPS, check_options, method_listing
 from .utils.signals import sigterm_as_keyboard_interrupt
 
 __all__ = ["build_parser", "main"]
@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--download", action="store_true", help="let --model NAME download from the Hugging Face Hub "
                                                             "(needs huggingface_hub: the hub extra)")
     s.add_argument("--method", default="ddim", help=f"sampling method (default ddim). {method_listing()}")
-    s.add_argument("--steps", type=int_at_least(1), default=50, help="S, the length of the sub-sequence τ (default 50); an adaptive solver "
-                                                            "uses τ_S and τ_1 only and chooses its own steps")
+    s.add_argument("--steps", type=int_at_least(1), default=50,
+                   help="S, the number of steps of the sub-sequence τ (default 50); --spacing uniform gives "
+                        "⌈T/⌊T/S⌋⌉ steps, more than S when S does not divide T = 1000 (--spacing leading: exactly S); "
+                        "an adaptive solver uses τ's largest and smallest entries only and chooses its own steps")
     s.add_argument("--eta", type=float, default=0.0, help="η of Eq 16 for --method ddim: 0 DDIM, 1 DDPM (default 0)")
     s.add_argument("--final-step", default="euler", choices=FINAL_STEPS,
                    help="last step to σ = 0 of an ODE method: euler (= DDIM's) or extrapolate (the x_0 predictions "
@@ -80,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"relative tolerance of an adaptive solver ({', '.join(ADAPTIVE)}; default {default_tols['rtol']:g})")
     s.add_argument("--atol", type=float, default=None,
                    help=f"absolute tolerance of an adaptive solver (default {default_tols['atol']:g})")
-    s.add_argument("--spacing", default="uniform", choices=SPACINGS, help="how τ is chosen (default uniform)")
+    s.add_argument("--spacing", default="uniform", choices=SPACINGS,
+                   help="how τ is chosen (default uniform: range(0, T, T // S), the paper's code; leading: its first S "
+                        "entries; quad: the paper's CIFAR-10 τ; trailing: ends at T-1; linear, karras, logsnr: "
+                        "fractional grids for the ODE methods)")
     s.add_argument("--t-min", type=float, default=None, help=f"smallest timestep for the spacings {', '.join(FRACTIONAL_SPACINGS)}")
     s.add_argument("--num-images", type=int_at_least(1), default=64, help="number of images (default 64)")
     s.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per batch and per shard (default 64)")
@@ -118,7 +123,7 @@ def load_model_from_args(model: str | None, checkpoint: str | None, config: str 
 
 def _cmd_sample(args, parser) -> int:
     try:
-        check_method(args.method, args.eta, args.final_step, args.rtol, args.atol)
+        check_options(args.method, eta=args.eta, final_step=args.final_step, rtol=args.rtol, atol=args.atol)
     except ValueError as e:
         parser.error(str(e))
     if args.weights != "ema" and args.checkpoint is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ def sample_grid(model, x_T, schedule, steps, etas, spacing, seed):
         for eta in etas:
             out[eta, S] = sample(model, x_T, schedule, tau, eta=eta, generator=torch.Generator().manual_seed(seed))
         # The reference code clips x̂_0 to [-1, 1] for images; toy data spans about [-2, 2], so no clipping here.
-        out[SIGMA_HAT, S] = sample(model, x_T, schedule, tau, method="sigma_hat", clip_x0=None,
+        out[SIGMA_HAT, S] = sample(model, x_T, schedule, tau, method="sigma_hat", clip_x0=math.inf,
                                    generator=torch.Generator().manual_seed(seed))
     return out
 

@@ -8,6 +8,9 @@ shape [] or [B]; a [B] tensor is broadcast over the trailing dimensions of ``x``
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -28,13 +31,19 @@ def q_sample(x0: Tensor, alpha, noise: Tensor) -> Tensor:
     return bcast(alpha.sqrt(), x0) * x0 + bcast((1 - alpha).sqrt(), x0) * noise
 
 
+def check_eta(eta) -> float:
+    """η of Eq 16 as a float, or ValueError: a finite real number >= 0 (0 is DDIM, 1 is DDPM)."""
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0 (0 is DDIM, 1 is DDPM), got {eta!r}")
+    return float(eta)
+
+
 def sigma_eta(alpha, alpha_prev, eta: float) -> Tensor:
     """Eq 16: ``σ_{τ_i}(η) = η sqrt((1-α_{τ_{i-1}})/(1-α_{τ_i})) sqrt(1-α_{τ_i}/α_{τ_{i-1}})``.
 
     η = 1 gives DDPM's posterior std (the Markovian forward process), η = 0 gives DDIM.
     """
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0 (0 is DDIM, 1 is DDPM), got {eta!r}")
+    eta = check_eta(eta)
     alpha = torch.as_tensor(alpha, dtype=torch.float64)
     alpha_prev = torch.as_tensor(alpha_prev, dtype=torch.float64)
     return eta * torch.sqrt((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev))

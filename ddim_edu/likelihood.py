@@ -44,8 +44,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .ode import eps_at_sigma
-from .sampling import Model
+from .model import Model, eps_at_sigma
 from .schedules import Schedule
 from .sde import standard_normal_logp
 from .solvers import ADAPTIVE
@@ -140,7 +139,7 @@ def augmented_flow(
         f.nfe += 1
         with torch.enable_grad():
             x_bar = state[0].detach().requires_grad_(True)
-            eps = eps_at_sigma(model, schedule, x_bar, min(max(float(sigma), lo), hi))
+            eps = eps_at_sigma(model, schedule, x_bar, min(max(float(sigma), lo), hi), check_finite=True)
             div = divergence(eps, x_bar)
         return eps.detach(), div.detach()
 

@@ -3,21 +3,42 @@
 ``timesteps`` is increasing, τ_1 < … < τ_S, in the index convention of
 :mod:`ddim_edu.schedules`; sampling starts at τ_S from x_T and goes τ_S → τ_{S-1} → … → τ_1 → x_0,
 the last step landing on ᾱ = 1 (the paper's α_0), where Eq 12 returns the x_0 prediction f_θ.
-A model is any callable ``model(x, t) -> eps`` with t a float tensor [B] of timestep indices.
+A model follows the contract of :mod:`ddim_edu.model`: ``model(x, t) -> ε`` with t a float tensor
+[B] of timestep indices.
+
+Each sampler is written once, as a *request generator*: it yields ``(x, t)`` when it needs
+ε_θ(x, t), receives ε back, and returns x_0. :func:`ddim_steps` and :func:`sigma_hat_steps` drive
+one with the model and yield the states; a diffusers-style scheduler
+(:class:`ddim_edu.interop.DiffusersScheduler`) drives the same generator with the outputs a
+pipeline hands it.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Generator, Iterator
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .forward import bcast, direction_coefficient, q_sigma_reverse_mean, sigma_eta, sigma_hat
+from .forward import bcast, check_eta, direction_coefficient, q_sigma_reverse_mean, sigma_eta, sigma_hat
+from .model import Model, call_model, time_input
 from .schedules import Schedule
 
-Model = Callable[[Tensor, Tensor], Tensor]
+__all__ = [
+    "Requests",
+    "check_x",
+    "ddim_requests",
+    "ddim_step_coefficients",
+    "ddim_steps",
+    "drive",
+    "noise_like",
+    "predict_x0",
+    "run_steps",
+    "sigma_hat_requests",
+    "sigma_hat_steps",
+]
+
+Requests = Generator[tuple[Tensor, float], Tensor, Tensor]  # yields (x, t), receives ε_θ(x, t), returns x_0
 
 
 def predict_x0(x_t: Tensor, eps: Tensor, alpha) -> Tensor:
@@ -39,35 +60,15 @@ def ddim_step_coefficients(alpha, alpha_prev, sigma) -> tuple[Tensor, Tensor]:
     return a, b
 
 
-def call_model(model: Model, x: Tensor, t: Tensor, timestep: float, *, check_finite: bool = True) -> Tensor:
-    """Evaluate ``model(x, t)`` and check that it returned ε of x's shape and dtype, and finite values."""
-    eps = model(x, t)
-    if not isinstance(eps, Tensor) or eps.shape != x.shape:
-        shape = tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__
-        raise ValueError(f"model must return ε with the shape of x {tuple(x.shape)}, got {shape} (at timestep {timestep:g})")
-    if eps.dtype != x.dtype:
-        raise ValueError(f"model must return ε in x's dtype {x.dtype}, got {eps.dtype} (at timestep {timestep:g}); cast the model or x")
-    if check_finite and not is_finite(eps):
-        raise FloatingPointError(
-            f"model returned NaN or inf (at timestep {timestep:g}); check its weights and inputs, or sample in float32/float64"
-        )
-    return eps
-
-
-def is_finite(x: Tensor) -> bool:
-    """Whether every entry is finite, through their sum: far cheaper than ``isfinite().all()`` (short of overflow)."""
-    return math.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32).item())
-
-
-def time_input(t: float, x: Tensor) -> Tensor:
-    """The model's time argument: a float tensor [B] filled with timestep t (float64 for float64 x)."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.full((x.shape[0],), float(t), dtype=dtype, device=x.device)
-
-
-def check_x(x_T) -> None:
+def check_x(x_T, name: str = "x_T") -> None:
+    """Refuse anything but a floating-point batch [B, ...]."""
     if not isinstance(x_T, Tensor) or not x_T.is_floating_point() or x_T.ndim < 2:
-        raise ValueError(f"x_T must be a floating-point tensor of shape [B, ...], got {getattr(x_T, 'shape', type(x_T))}")
+        raise ValueError(f"{name} must be a floating-point tensor of shape [B, ...], got {getattr(x_T, 'shape', type(x_T))}")
+
+
+def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like x, drawn from ``generator`` (reproducible)."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
 def run_steps(x_T: Tensor, steps: Iterator[Tensor], return_trajectory: bool = False) -> Tensor:
@@ -80,41 +81,40 @@ def run_steps(x_T: Tensor, steps: Iterator[Tensor], return_trajectory: bool = Fa
     return x
 
 
-def _step_range(S: int, progress: bool, desc: str):
-    """Step indices S-1, …, 0 (sampling runs from τ_S down), with a tqdm bar when asked."""
-    steps = range(S - 1, -1, -1)
-    return tqdm(steps, desc=desc, leave=False) if progress else steps
+def drive(model: Model, requests: Requests, *, check_finite: bool = True, progress: tqdm | None = None) -> Iterator[Tensor]:
+    """Answer a request generator's requests with ``model``; yield the state after each step, x_0 last.
+
+    ``check_finite`` checks every ε (one host synchronisation each) and names the timestep of a NaN.
+    """
+    inputs: dict[float, Tensor] = {}
+    try:
+        x, t = next(requests)
+        while True:
+            t_in = inputs.get(t)
+            if t_in is None:
+                t_in = inputs[t] = time_input(t, x)
+            eps = call_model(model, x, t_in, t, check_finite=check_finite)
+            x, t = requests.send(eps)
+            if progress is not None:
+                progress.update()
+            yield x
+    except StopIteration as done:
+        if progress is not None:
+            progress.update()
+            progress.close()
+        yield done.value
 
 
-def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like x, drawn from ``generator`` (reproducible)."""
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+def ddim_requests(x_T: Tensor, schedule: Schedule, timesteps, eta: float = 0.0, *,
+                  generator: torch.Generator | None = None, clip_x0: float | None = None) -> Requests:
+    """Eq 12 with σ = σ(η) of Eq 16 as a request generator (see the module docstring).
 
-
-@torch.no_grad()
-def ddim_steps(
-    model: Model,
-    x_T: Tensor,
-    schedule: Schedule,
-    timesteps,
-    eta: float = 0.0,
-    *,
-    generator: torch.Generator | None = None,
-    clip_x0: float | None = None,
-    progress: bool = False,
-    check_finite: bool = True,
-) -> Iterator[Tensor]:
-    """Eq 12 with σ = σ(η) of Eq 16; yields x_{τ_{i-1}} after each step, x_0 last.
-
-    η = 0 is DDIM, η = 1 is DDPM's ancestral sampler on τ. Coefficients are computed once in
-    float64; a step is then the model call and two fused tensor ops. ``clip_x0=c`` clamps the
-    x_0 prediction to [-c, c] before Eq 12 (off by default, as in the paper's Eq 12).
-    ``check_finite`` checks ε after every model call, naming the timestep of a NaN; with False
-    only x_0 is checked, which saves a reduction per step (see benchmarks/).
+    Coefficients are computed once in float64; a step is then two fused tensor ops on the model's
+    ε. ``clip_x0=c`` clamps the x_0 prediction to [-c, c] before Eq 12 (off by default, as in the
+    paper's Eq 12).
     """
     check_x(x_T)
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0 (0 is DDIM, 1 is DDPM), got {eta!r}")
+    check_eta(eta)
     tau = schedule.check_timesteps(timesteps)
     alpha, alpha_prev = schedule.step_alphas(tau)
     sigma = sigma_eta(alpha, alpha_prev, eta)
@@ -123,35 +123,23 @@ def ddim_steps(
     a, b, sigma_f = a.tolist(), b.tolist(), sigma.tolist()
     sqrt_alpha_prev, dir_coef = alpha_prev.sqrt().tolist(), direction_coefficient(alpha_prev, sigma).tolist()
     tau_f = tau.tolist()
-    t_in = [time_input(t, x_T) for t in tau_f]
     x = x_T
-    for i in _step_range(len(tau), progress, "DDIM"):
-        eps = call_model(model, x, t_in[i], tau_f[i], check_finite=check_finite)
+    for i in range(len(tau_f) - 1, -1, -1):  # sampling runs from τ_S down
+        eps = yield x, tau_f[i]
         if clip_x0 is None:
-            x = torch.mul(x, a[i]).add_(eps, alpha=b[i])  # a new tensor, then in place: x_T is never written
+            x = torch.mul(x, a[i]).add_(eps, alpha=b[i])  # Eq 12 (Eq 9 substituted): a new tensor, then in place
         else:
-            # Eq 12 proper, with the clipped prediction: sqrt(α_prev) f + sqrt(1-α_prev-σ²) ε.
+            # Eq 12 proper, with the clipped prediction: sqrt(α_prev) f_θ + sqrt(1-α_prev-σ²) ε_θ.
             x0 = predict_x0(x, eps, alpha[i]).clamp(-clip_x0, clip_x0)
             x = torch.add(x0 * sqrt_alpha_prev[i], eps, alpha=dir_coef[i])
         if sigma_f[i] > 0:
-            x = x.add_(noise_like(x, generator), alpha=sigma_f[i])
-        if i == 0 and not check_finite and not is_finite(x):
-            raise FloatingPointError("the sampled x_0 has NaN or inf; rerun with check_finite=True to find the timestep")
-        yield x
+            x = x.add_(noise_like(x, generator), alpha=sigma_f[i])  # + σ_t z
+    return x
 
 
-@torch.no_grad()
-def sigma_hat_steps(
-    model: Model,
-    x_T: Tensor,
-    schedule: Schedule,
-    timesteps,
-    *,
-    generator: torch.Generator | None = None,
-    clip_x0: float | None = 1.0,
-    progress: bool = False,
-) -> Iterator[Tensor]:
-    """The σ̂ row of Table 1 as the paper's reference code realises it; yields like :func:`ddim_steps`.
+def sigma_hat_requests(x_T: Tensor, schedule: Schedule, timesteps, *, generator: torch.Generator | None = None,
+                       clip_x0: float | None = 1.0) -> Requests:
+    """The σ̂ row of Table 1 as the paper's reference code realises it, as a request generator.
 
     Eq 12 with σ̂ can need the square root of a negative number, so the reference code takes
     DDPM's ancestral step on τ instead: the posterior mean of q(x_{τ_{i-1}}|x_{τ_i}, x_0) (Eq 7 with
@@ -162,14 +150,40 @@ def sigma_hat_steps(
     tau = schedule.check_timesteps(timesteps)
     alpha, alpha_prev = schedule.step_alphas(tau)
     sigma_mean = sigma_eta(alpha, alpha_prev, 1.0)
-    noise_std = sigma_hat(alpha, alpha_prev)
+    noise_std = sigma_hat(alpha, alpha_prev).tolist()
     x = x_T
-    for i in _step_range(len(tau), progress, "DDPM σ̂"):
-        eps = call_model(model, x, time_input(tau[i], x), tau[i].item())
+    for i in range(len(tau) - 1, -1, -1):
+        eps = yield x, tau[i].item()
         x0 = predict_x0(x, eps, alpha[i])
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
         x = q_sigma_reverse_mean(x, x0, alpha[i], alpha_prev[i], sigma_mean[i])
         if i > 0:
-            x = x.add_(noise_like(x, generator), alpha=noise_std[i].item())
-        yield x
+            x = x.add_(noise_like(x, generator), alpha=noise_std[i])
+    return x
+
+
+def _bar(S: int, progress: bool, desc: str) -> tqdm | None:
+    return tqdm(total=S, desc=desc, leave=False) if progress else None
+
+
+@torch.no_grad()
+def ddim_steps(model: Model, x_T: Tensor, schedule: Schedule, timesteps, eta: float = 0.0, *,
+               generator: torch.Generator | None = None, clip_x0: float | None = None, progress: bool = False,
+               check_finite: bool = True) -> Iterator[Tensor]:
+    """Eq 12 with σ = σ(η) of Eq 16 (:func:`ddim_requests`); yields x_{τ_{i-1}} after each step, x_0 last.
+
+    η = 0 is DDIM, η = 1 is DDPM's ancestral sampler on τ. ``check_finite`` checks ε after every
+    model call and names the timestep of a NaN (:func:`ddim_edu.solvers.sample` runs without it and
+    checks its result instead).
+    """
+    requests = ddim_requests(x_T, schedule, timesteps, eta, generator=generator, clip_x0=clip_x0)
+    yield from drive(model, requests, check_finite=check_finite, progress=_bar(len(timesteps), progress, "DDIM"))
+
+
+@torch.no_grad()
+def sigma_hat_steps(model: Model, x_T: Tensor, schedule: Schedule, timesteps, *, generator: torch.Generator | None = None,
+                    clip_x0: float | None = 1.0, progress: bool = False, check_finite: bool = True) -> Iterator[Tensor]:
+    """The σ̂ sampler (:func:`sigma_hat_requests`); yields like :func:`ddim_steps`."""
+    requests = sigma_hat_requests(x_T, schedule, timesteps, generator=generator, clip_x0=clip_x0)
+    yield from drive(model, requests, check_finite=check_finite, progress=_bar(len(timesteps), progress, "DDPM σ̂"))

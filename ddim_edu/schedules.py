@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
-SPACINGS = ("uniform", "quad", "trailing", "linear", "karras", "logsnr")
+SPACINGS = ("uniform", "leading", "quad", "trailing", "linear", "karras", "logsnr")
 
 
 class Schedule:
@@ -110,7 +111,11 @@ class Schedule:
     # --- sub-sequences τ ------------------------------------------------------------------
 
     def check_timesteps(self, timesteps, name: str = "timesteps") -> Tensor:
-        """Validate a sub-sequence τ (strictly increasing, within [0, T-1]) and return it as float64."""
+        """Validate a sub-sequence τ within [0, T-1] and return it increasing, τ_1 < … < τ_S, as float64.
+
+        τ may come increasing (this library's grids) or strictly decreasing (the order in which
+        sampling visits it, as diffusers' ``scheduler.timesteps``); it is a set of timesteps either way.
+        """
         try:
             tau = torch.as_tensor(timesteps, dtype=torch.float64).cpu()
         except (TypeError, ValueError) as err:
@@ -121,8 +126,11 @@ class Schedule:
             raise ValueError(f"{name} has {len(tau)} steps, more than T = {self.T}; use at most T steps")
         if not bool(torch.isfinite(tau).all()) or bool(((tau < 0) | (tau > self.T - 1)).any()):
             raise ValueError(f"{name} must lie in [0, T-1] = [0, {self.T - 1}], got {tau.min().item()} .. {tau.max().item()}")
+        if len(tau) > 1 and bool((tau[1:] < tau[:-1]).all()):
+            tau = tau.flip(0)  # given in sampling order
         if len(tau) > 1 and not bool((tau[1:] > tau[:-1]).all()):
-            raise ValueError(f"{name} must be strictly increasing (τ_1 < … < τ_S, sampling runs from the last); got {tau.tolist()[:8]}…")
+            raise ValueError(f"{name} must be strictly monotone (τ_1 < … < τ_S, or from τ_S down; sampling runs from the "
+                             f"largest), got {tau.tolist()[:8]}…")
         return tau
 
     def step_alphas(self, timesteps) -> tuple[Tensor, Tensor]:
@@ -132,15 +140,26 @@ class Schedule:
 
 
     def timesteps(self, S: int, spacing: str = "uniform", *, t_min: float = 0.0, rho: float = 7.0) -> Tensor:
-        """An increasing sub-sequence τ_1 < … < τ_S of timestep indices (float64 tensor).
+        """An increasing sub-sequence τ of timestep indices (float64 tensor), S entries except where noted.
 
-        - ``"uniform"`` (the paper's reference code, and the default): ``τ_i = (i-1)·⌊T/S⌋``,
-          i.e. 0, 100, …, 900 for T = 1000, S = 10. Sampling starts at τ_S = 900, below T-1.
-        - ``"quad"`` (the reference code's CIFAR-10 choice): ``⌊(linspace(0, sqrt(0.8T), S))²⌋``.
-          For large S the floor repeats small indices; repeats are dropped (a step from a timestep
-          to itself is the identity), so fewer than S points may come back.
-        - ``"trailing"`` (Lin et al. 2023): ``round(T - k·T/S) - 1`` for k = 0..S-1, so sampling
-          starts at T-1, where x_T ~ N(0, I) is (almost) exactly distributed.
+        Integer grids, each computed exactly as the code that defines it:
+
+        - ``"uniform"`` (the paper's reference code, and the default): ``range(0, T, ⌊T/S⌋)``, i.e.
+          0, 100, …, 900 for T = 1000, S = 10. Sampling starts at the largest entry (900), below T-1.
+          When S does not divide T this has ``⌈T/⌊T/S⌋⌉`` entries, which can be more than S
+          (T = 1000, S = 3: 0, 333, 666, 999; any S > T/2: all T timesteps).
+        - ``"leading"`` (diffusers' ``timestep_spacing="leading"`` with ``steps_offset=0``): exactly S
+          points ``τ_i = (i-1)·⌊T/S⌋``; the same as ``"uniform"`` when S divides T.
+        - ``"quad"`` (the reference code's CIFAR-10 choice): ``int()`` of numpy's float64
+          ``linspace(0, sqrt(0.8·T), S) ** 2``. For large S, ``int()`` repeats small indices; the
+          repeats are dropped (a step from a timestep to itself is the identity for every η, since
+          both ᾱ are equal and σ_t = 0), so fewer than S points may come back; the set of values is
+          the reference's.
+        - ``"trailing"`` (Lin et al. 2023; diffusers' ``timestep_spacing="trailing"``):
+          ``round(arange(T, 0, -T/S)) - 1`` in numpy float64, reversed, so sampling starts at T-1,
+          where x_T ~ N(0, I) is (almost) exactly distributed. Exactly S points: where floating point
+          gives numpy's ``arange`` an (S+1)-th entry near 0 (T = 1000, S = 61), diffusers returns
+          that entry as timestep -1; it is dropped here.
 
         Fractional grids from ``t_min`` (default 0) to T-1, for the ODE methods of
         :mod:`ddim_edu.solvers` (the model is then evaluated between integer timesteps):
@@ -155,11 +174,15 @@ class Schedule:
             raise ValueError(f"S (number of steps) must be <= T = {self.T}, got {S}")
         T = self.T
         if spacing == "uniform":
+            tau = torch.arange(0, T, T // S, dtype=torch.float64)  # range(0, T, T // S)
+        elif spacing == "leading":
             tau = torch.arange(S, dtype=torch.float64) * (T // S)
         elif spacing == "quad":
-            tau = torch.unique(torch.floor(torch.linspace(0, math.sqrt(0.8 * T), S, dtype=torch.float64) ** 2))
+            seq = [int(s) for s in np.linspace(0, np.sqrt(T * 0.8), S) ** 2]
+            tau = torch.tensor(sorted(set(seq)), dtype=torch.float64)
         elif spacing == "trailing":
-            tau = torch.flip(torch.round(torch.arange(T, 0, -T / S, dtype=torch.float64)[:S]) - 1, dims=[0])
+            seq = np.round(np.arange(T, 0, -T / S))[:S].astype(np.int64) - 1
+            tau = torch.tensor(seq[::-1].tolist(), dtype=torch.float64)
         elif spacing in ("linear", "karras", "logsnr"):
             if not 0 <= t_min < T - 1:
                 raise ValueError(f"t_min must lie in [0, T-1) = [0, {T - 1}), got {t_min!r}")
@@ -170,13 +193,33 @@ class Schedule:
             if spacing == "linear":
                 tau = t_min + u * (T - 1 - t_min)
             elif spacing == "karras":
-                tau = self.t_from_sigma((lo ** (1 / rho) + u * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho)
+                tau = self.t_from_sigma(karras_sigmas(S, lo, hi, rho)[:-1].flip(0))
             else:
                 tau = self.t_from_sigma(torch.exp(torch.log(lo) + u * (torch.log(hi) - torch.log(lo))))
             tau[0], tau[-1] = t_min, T - 1  # exact ends despite rounding in the inverse
         else:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         return tau
+
+
+def karras_sigmas(n: int, sigma_min, sigma_max, rho: float = 7.0) -> Tensor:
+    """Karras et al. (2022), Eq 5: n noise levels from σ_max down to σ_min, uniform in σ^{1/ρ}, then 0.
+
+    A grid for :func:`ddim_edu.solvers.integrate` on any σ range (variance exploding, EDM's σ_min =
+    0.002, σ_max = 80, or a DDPM schedule's ``sigma_range``): float64 [n + 1], decreasing, ending at 0,
+    where every method takes its last step. ρ = 7 concentrates the levels at small σ.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise ValueError(f"n (number of noise levels) must be an int >= 2, got {n!r}")
+    lo, hi = float(sigma_min), float(sigma_max)
+    if not 0 < lo < hi < math.inf:
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}")
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
+    u = torch.linspace(0, 1, n, dtype=torch.float64)
+    levels = (lo ** (1 / rho) + u * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho  # increasing, σ^{1/ρ} uniform
+    levels[0], levels[-1] = lo, hi  # exact ends despite rounding
+    return torch.cat([levels.flip(0), torch.zeros(1, dtype=torch.float64)])
 
 
 def linear_schedule(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:

@@ -131,6 +131,15 @@ class VPSDE:
         f.nfe = 0
         return f
 
+    def torchsde(self, model: Model, lam: float = 1.0, *, shape=None, sde_type: str = "ito") -> "ReverseFamilySDE":
+        """The reverse-time λ-family as an SDE object for ``torchsde.sdeint`` (``f``, ``g``, ``sde_type``,
+        ``noise_type``), in the time u = log ᾱ(t); see :class:`ReverseFamilySDE`.
+
+        ``torchsde.sdeint(sde, x_T, sde.times(timesteps), bm=...)`` integrates it from τ_S to τ_1
+        (x_T of shape [B, d]; ``shape`` reshapes y for an image model). Building it needs no torchsde.
+        """
+        return ReverseFamilySDE(self, model, lam, shape=shape, sde_type=sde_type)
+
 
 def _check_lam(lam) -> float:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam >= 0):
@@ -221,3 +230,180 @@ def sample_sde(
     """
     steps = sde_steps(model, x_T, schedule, timesteps, lam=lam, method=method, generator=generator)
     return run_steps(x_T, steps, return_trajectory)
+
+
+# --- the λ-family handed to torchsde ---------------------------------------------------------
+
+
+class ReverseFamilySDE:
+    """The reverse-time λ-family as a torchsde SDE, in torchsde's time ``u = log ᾱ(t)``.
+
+    torchsde integrates forward in time, and sampling runs from t = τ_S down, so time is changed
+    to u = log ᾱ(t) = -s (s = -log ᾱ is the clock of :func:`euler_maruyama_coefficients`), which
+    rises from log ᾱ(τ_S) to 0 at the data. In s the VP-SDE reads ``dx = -½ x ds + dw_s``; turned
+    around, the family reads
+
+        dx = [½ x - (1+λ²)/2 · ε_θ(x, t(u)) / sqrt(1 - e^u)] du + λ dW_u.
+
+    Unlike the form in t, whose β(t) jumps at every integer t, the drift is as smooth as ε_θ is in
+    the noise level, which is what higher-order solvers ("srk") need to show their order, and the
+    noise is additive with a constant λ. Since g = λ does not depend on x, the Itô and Stratonovich
+    forms coincide: ``sde_type`` can be either, to suit the method. ``noise_type`` is "diagonal"
+    (g is λ for every coordinate, shaped like y; torchsde's "additive" wants g as a [B, d, d] matrix).
+
+    torchsde's state y is [B, d]; ``shape`` is one sample's shape, to which y is reshaped for the
+    model (None: y is passed as it is). ``nfe`` counts model evaluations; ``f`` remembers its last
+    few evaluations under ``torch.no_grad()``, since torchsde evaluates it again at the same (u, y)
+    (once per ``sdeint`` call to check shapes, and inside "srk"'s stages).
+    """
+
+    noise_type = "diagonal"
+
+    def __init__(self, vpsde: VPSDE, model: Model, lam: float = 1.0, *, shape=None, sde_type: str = "ito"):
+        if sde_type not in ("ito", "stratonovich"):
+            raise ValueError(f"sde_type must be 'ito' or 'stratonovich' (equal here: the noise is additive), got {sde_type!r}")
+        self.schedule = vpsde.schedule
+        self.model = model
+        self.lam = _check_lam(lam)
+        self.shape = None if shape is None else tuple(shape)
+        self.sde_type = sde_type
+        self.nfe = 0
+        self._memo: list[tuple] = []
+
+    def __repr__(self) -> str:
+        return f"ReverseFamilySDE(lam={self.lam:g}, sde_type={self.sde_type!r}, {self.schedule!r})"
+
+    def times(self, timesteps) -> Tensor:
+        """torchsde's ``ts`` for a grid τ: ``log ᾱ(τ)`` from τ_S to τ_1, increasing (float64)."""
+        return self.schedule.log_alpha_bar(self.schedule.check_timesteps(timesteps)).flip(0)
+
+    def timestep(self, u) -> float:
+        """The timestep t with log ᾱ(t) = u, kept in [0, T-1] where the model is defined (rounding)."""
+        t = self.schedule.t_from_log_alpha_bar(min(float(u), 0.0)).item()
+        return min(max(t, 0.0), float(self.schedule.T - 1))
+
+    def f(self, u, y: Tensor) -> Tensor:
+        """The drift ``½ y - (1+λ²)/2 · ε_θ(y, t(u)) / sqrt(1 - e^u)`` in u, [B, d]."""
+        u = float(u)
+        cache = not torch.is_grad_enabled()
+        if cache:
+            for u_m, y_m, version, drift in self._memo:
+                if y_m is y and u_m == u and version == y._version:
+                    return drift
+        t = self.timestep(u)
+        x = y if self.shape is None else y.reshape(y.shape[0], *self.shape)
+        t_in = torch.full((y.shape[0],), t, dtype=torch.float64 if y.dtype == torch.float64 else torch.float32, device=y.device)
+        eps = call_model(self.model, x, t_in, t).reshape(y.shape)
+        self.nfe += 1
+        drift = 0.5 * y - (0.5 * (1 + self.lam**2) / math.sqrt(-math.expm1(u))) * eps
+        if cache:
+            self._memo = [(u, y, y._version, drift), *self._memo[:3]]
+        return drift
+
+    def g(self, u, y: Tensor) -> Tensor:
+        """The diffusion: λ in every coordinate (diagonal noise), shaped like y."""
+        return y.new_full((1, 1), self.lam).expand_as(y)
+
+
+# torchsde's methods that take diagonal noise, with the SDE type each solves (one and the same SDE
+# here, the noise being additive), and model evaluations per step (counted in tests/test_sde.py).
+TORCHSDE_METHODS = {
+    "euler": "ito",  # 1; Euler–Maruyama, with dt=None sde_steps' steps
+    "milstein": "ito",  # 1; = euler here (g does not depend on x)
+    "srk": "ito",  # 4; stochastic Runge–Kutta (Rößler 2010), strong order 1.5
+    "midpoint": "stratonovich",  # 2
+    "heun": "stratonovich",  # 2
+    "euler_heun": "stratonovich",  # 1; = euler here
+    "reversible_heun": "stratonovich",  # 1, +1 per interval of the grid; needs small steps (dt) near the data
+}
+
+
+def brownian_tree(x_T: Tensor, schedule: Schedule, timesteps, *, generator: torch.Generator | None = None):
+    """The Brownian motion :func:`sample_torchsde` uses by default: a torchsde Brownian tree on
+    ``[log ᾱ(τ_S), 0]`` with one coordinate per entry of x_T, seeded from ``generator``.
+
+    A tree (``halfway_tree=True``) fixes the whole path by its seed, so that it can be queried at
+    any resolution: ``dt`` changes the steps, not the noise. It carries the space-time Lévy area
+    that "srk" needs.
+    """
+    import torchsde
+
+    tau = schedule.check_timesteps(timesteps)
+    u = schedule.log_alpha_bar(tau)
+    u_S = u[-1].item()
+    # Resolve the path well below the smallest step (the last one, from τ_1 to ᾱ = 1).
+    smallest = torch.cat([-u[:1], u[:-1] - u[1:]]).min().item()
+    tol = 10.0 ** math.floor(math.log10(min(1e-6, 1e-3 * smallest)))
+    gen_device = generator.device if generator is not None else "cpu"
+    entropy = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=gen_device))
+    # The tree rounds times to multiples of tol: start one below u_S's, so that u_S lies inside.
+    return torchsde.BrownianInterval(
+        t0=(math.floor(u_S / tol) - 1) * tol, t1=0.0, size=(x_T.shape[0], x_T[0].numel()), dtype=x_T.dtype, device=x_T.device,
+        entropy=entropy, tol=tol, halfway_tree=True, levy_area_approximation="space-time",
+    )
+
+
+@torch.no_grad()
+def sample_torchsde(
+    model: Model,
+    x_T: Tensor,
+    schedule: Schedule,
+    timesteps,
+    *,
+    lam: float = 1.0,
+    method: str = "euler",
+    dt: float | None = None,
+    generator: torch.Generator | None = None,
+    bm=None,
+    return_trajectory: bool = False,
+) -> Tensor:
+    """Sample x_0 by integrating the reverse-time λ-family with ``torchsde.sdeint`` (Song et al. 2021, Sec. 4.3).
+
+    The same family and grid as :func:`sample_sde`: from τ_S (x_T) through every τ_i down to τ_1,
+    in torchsde's time u = log ᾱ(t) (:class:`ReverseFamilySDE`), with ``method`` one of
+    ``TORCHSDE_METHODS``; ``dt=None`` takes one step per interval of the grid, a float ``dt``
+    splits each interval into equal steps of at most ``dt`` in u. The last step, from τ_1 to ᾱ = 1
+    where no model can be evaluated, is Euler–Maruyama's, as in :func:`sde_steps`. With
+    ``method="euler"`` and ``dt=None`` every step is :func:`sde_steps`' (a test), with the noise
+    taken from the Brownian motion.
+
+    The noise is ``bm`` (a torchsde Brownian motion on [log ᾱ(τ_S), 0] of shape [B, x_T[0].numel()]),
+    by default :func:`brownian_tree` seeded from ``generator``. λ = 0 is the probability-flow ODE.
+    With ``return_trajectory=True`` returns the stack [S+1, B, …] from x_T through τ_{S-1}, …, τ_1 to x_0.
+    Needs torchsde (``pip install torchsde``, or the ``sde`` extra).
+    """
+    check_x(x_T)
+    lam = _check_lam(lam)
+    if method not in TORCHSDE_METHODS:
+        raise ValueError(f"method must be one of {sorted(TORCHSDE_METHODS)}, got {method!r}")
+    if dt is not None and (isinstance(dt, bool) or not isinstance(dt, (int, float)) or not (math.isfinite(dt) and dt > 0)):
+        raise ValueError(f"dt must be None (one step per interval of the grid) or a number > 0, got {dt!r}")
+    tau = schedule.check_timesteps(timesteps)
+    try:
+        import torchsde
+    except ImportError as err:
+        raise ImportError('sample_torchsde needs torchsde: pip install torchsde (or pip install -e ".[sde]")') from err
+
+    if bm is None:
+        bm = brownian_tree(x_T, schedule, tau, generator=generator)
+    sde = ReverseFamilySDE(VPSDE(schedule), model, lam, shape=x_T.shape[1:], sde_type=TORCHSDE_METHODS[method])
+    u = schedule.log_alpha_bar(tau).tolist()  # u_i = log ᾱ(τ_i), decreasing in i
+    y = x_T.reshape(x_T.shape[0], -1)
+    xs = [x_T]
+    extra = None  # the solver's state (reversible Heun's), carried from one interval to the next
+    for i in range(len(u) - 1, 0, -1):
+        # τ_{i+1} → τ_i (u[i] = log ᾱ(τ_{i+1}) with 0-based lists): n equal steps in u.
+        h = u[i - 1] - u[i]
+        n = 1 if dt is None else max(1, math.ceil(h / dt - 1e-9))
+        ts = torch.tensor([u[i], u[i - 1]], dtype=torch.float64, device=y.device)
+        # dt a hair over h/n, so that rounding never leaves a sliver of a step at the end.
+        ys, extra = torchsde.sdeint(sde, y, ts, bm=bm, method=method, dt=h / n * (1 + 1e-10), extra=True, extra_solver_state=extra)
+        y = ys[-1]
+        xs.append(y.reshape(x_T.shape))
+    # Last step, τ_1 → ᾱ = 1 (u = 0): Euler–Maruyama with the drift at τ_1, as in sde_steps.
+    drift = sde.f(u[0], y)
+    y = y + drift * (0.0 - u[0])
+    if lam > 0:
+        y = y + lam * bm(u[0], 0.0)
+    xs.append(y.reshape(x_T.shape))
+    return torch.stack(xs) if return_trajectory else xs[-1]

@@ -8,24 +8,70 @@ where ``x_T`` is fed in, and returns x_0: the last step goes from σ(τ_1) to σ
 the model cannot be evaluated, so every method takes it as an Euler step (= DDIM's last step), or,
 with ``final_step="extrapolate"``, extrapolates the last two x_0 predictions to σ = 0 in σ².
 
-``METHODS`` maps each ODE method's name to its step function and order. A step function has the
-signature ``step(eps, x, s, s_next, history) -> x_next``: ``eps(x, σ)`` evaluates ε_θ on the
-scaled state, ``s > s_next`` are noise levels, and ``history`` is a list that multistep methods
-append ``(σ, x̄, ε)`` to and read back.
+**The step protocol.** ``METHODS`` maps each ODE method's name to a :class:`Method`: its step
+function, its order, and where it evaluates the model. A step ``step(x, s, s_next, history)``
+advances the scaled state x̄ from noise level ``s`` to ``s_next``. ``history`` is a list of
+:class:`Evaluation` records (σ, x̄, ε and the x_0 prediction D = x̄ - σ ε), one per grid level,
+the last three kept: on entry ``history[-1]`` is the evaluation at ``s``, made by the driver on
+x̄ itself, or, for the predictor–corrector methods (``Method.reuses_last``), the one the previous
+step made at its predicted state and appended. A step that needs ε elsewhere is a generator:
+``eps = yield x, sigma`` asks for ε_θ(x, σ). Written so, one step serves both ways of running a
+solver: :func:`integrate` answers the requests by calling a field ε(x̄, σ), and
+:class:`ddim_edu.interop.DiffusersScheduler` answers them with the outputs a diffusers pipeline
+hands it. ``Method.stages`` declares the noise levels of a step's extra evaluations, so the
+σ → t conversions of a whole solve are made once (:class:`ddim_edu.model.EpsField`) and the
+evaluation count is known before the solve (:meth:`Method.nfe`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from types import GeneratorType
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .ode import eps_at_sigma, probability_flow
-from .sampling import Model, check_x, ddim_steps, run_steps, sigma_hat_steps
+from .forward import check_eta
+from .model import EpsField, Field, Model, is_finite
+from .ode import probability_flow
+from .sampling import check_x, ddim_steps, run_steps, sigma_hat_steps
 from .schedules import Schedule
+
+__all__ = [
+    "ADAPTIVE",
+    "ADAPTIVE_ATOL",
+    "ADAPTIVE_RTOL",
+    "ALL_METHODS",
+    "FINAL_STEPS",
+    "METHODS",
+    "METHOD_GROUPS",
+    "SAMPLERS",
+    "ConvergenceError",
+    "Evaluation",
+    "Method",
+    "answer",
+    "check_options",
+    "dpm_solver_2_step",
+    "dpm_solver_3_step",
+    "dpmpp_2m_step",
+    "dpmpp_3m_step",
+    "encode",
+    "euler_step",
+    "extrapolated_x0",
+    "fixed_point",
+    "heun_step",
+    "integrate",
+    "method_listing",
+    "pc_sigma_step",
+    "rk4_step",
+    "sample",
+    "sigma_polynomial_weights",
+    "solve",
+    "solve_adaptive",
+    "unipc_step",
+]
 
 SAMPLERS = {
     "ddim": ddim_steps,  # Eq 12 with σ(η) of Eq 16: η = 0 DDIM, η = 1 DDPM
@@ -33,83 +79,141 @@ SAMPLERS = {
 }
 
 
+@dataclass(eq=False)
+class Evaluation:
+    """One model evaluation on Eq 14: at noise level ``sigma`` and scaled state ``x`` (x̄), ``eps`` = ε_θ(x̄, σ)."""
+
+    sigma: float
+    x: Tensor
+    eps: Tensor
+    _denoised: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def denoised(self) -> Tensor:
+        """D = x̄ - σ ε, the x_0 prediction (Eq 9 in the scaled state, since x̄ = x_0 + σ ε); computed once."""
+        if self._denoised is None:
+            self._denoised = torch.add(self.x, self.eps, alpha=-self.sigma)
+        return self._denoised
+
+
+# --- where the steps evaluate the model (besides the start of the step) --------------------------
+
+
+def no_stages(s: float, s_next: float, first: bool) -> tuple[float, ...]:
+    """A one-evaluation step: only the evaluation at its start."""
+    return ()
+
+
+def end_stage(s: float, s_next: float, first: bool) -> tuple[float, ...]:
+    """One more evaluation at the end of the step (none on the last step, to σ' = 0)."""
+    return (s_next,) if s_next > 0 else ()
+
+
+def rk4_stages(s: float, s_next: float, first: bool) -> tuple[float, ...]:
+    """The classical Runge–Kutta stages: the midpoint in σ twice, then the end."""
+    if s_next == 0:
+        return ()
+    mid = s + 0.5 * (s_next - s)
+    return mid, mid, s_next
+
+
+def lambda_midpoint(s: float, s_next: float, first: bool) -> tuple[float, ...]:
+    """The midpoint in λ = -log σ, sqrt(σ σ') (DPM-Solver-2's r₁ = ½)."""
+    return (math.sqrt(s * s_next),) if s_next > 0 else ()
+
+
+def dpm_solver_3_stages(s: float, s_next: float, first: bool) -> tuple[float, ...]:
+    """DPM-Solver-3's intermediate levels σ e^{-r h}, r = ⅓, ⅔, h = λ' - λ (Lu et al. 2022, Algorithm 2)."""
+    if s_next == 0:
+        return ()
+    h = math.log(s / s_next)
+    return s * math.exp(-h / 3), s * math.exp(-2 * h / 3)
+
+
+def dpmpp_3m_stages(s: float, s_next: float, first: bool) -> tuple[float, ...]:
+    """DPM-Solver++(3M) starts with a DPM-Solver-2 step (the λ-midpoint); later steps evaluate once."""
+    return lambda_midpoint(s, s_next, first) if first else ()
+
+
 # --- step functions on Eq 14 (x is the scaled state x̄, s the noise level σ) ---------------------
 
 
-def euler_step(eps, x, s, s_next, history):
+def euler_step(x, s, s_next, history):
     """Euler's method on Eq 14 in σ: ``x̄' = x̄ + (σ' - σ) ε_θ(x̄, σ)``. This is DDIM (Eq 13)."""
-    return x + (s_next - s) * eps(x, s)
+    return torch.add(x, history[-1].eps, alpha=s_next - s)
 
 
-def heun_step(eps, x, s, s_next, history):
+def heun_step(x, s, s_next, history):
     """Heun's 2nd-order method in σ (Karras et al. 2022, Algorithm 1 without churn); Euler to σ' = 0."""
-    e = eps(x, s)
-    x_euler = x + (s_next - s) * e
+    e = history[-1].eps
+    x_euler = torch.add(x, e, alpha=s_next - s)  # Euler predictor
     if s_next == 0:
         return x_euler
-    return x + (s_next - s) * 0.5 * (e + eps(x_euler, s_next))
+    e_next = yield x_euler, s_next
+    return x + (s_next - s) * 0.5 * (e + e_next)  # trapezoidal corrector
 
 
-def rk4_step(eps, x, s, s_next, history):
+def rk4_step(x, s, s_next, history):
     """The classical 4th-order Runge–Kutta method in σ (stages at σ, twice the midpoint, σ'); Euler to σ' = 0."""
+    k1 = history[-1].eps
     if s_next == 0:
-        return euler_step(eps, x, s, s_next, history)
+        return torch.add(x, k1, alpha=-s)
     h = s_next - s
-    k1 = eps(x, s)
-    k2 = eps(x + 0.5 * h * k1, s + 0.5 * h)
-    k3 = eps(x + 0.5 * h * k2, s + 0.5 * h)
-    k4 = eps(x + h * k3, s_next)
+    s_mid, _, _ = rk4_stages(s, s_next, False)
+    k2 = yield x + 0.5 * h * k1, s_mid
+    k3 = yield x + 0.5 * h * k2, s_mid
+    k4 = yield x + h * k3, s_next
     return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
-def dpm_solver_2_step(eps, x, s, s_next, history):
+def dpm_solver_2_step(x, s, s_next, history):
     """DPM-Solver-2 (Lu et al. 2022, Algorithm 1, r₁ = ½) in λ = -log σ; Euler to σ' = 0.
 
     In (σ, x̄) the exponential integrator reads ``x̄' = x̄ + (σ' - σ) ε(u, σ_mid)`` with the
     λ-midpoint ``σ_mid = sqrt(σ σ')`` and u its DPM-Solver-1 (= Euler = DDIM) predictor.
     """
+    e = history[-1].eps
     if s_next == 0:
-        return euler_step(eps, x, s, s_next, history)
-    s_mid = math.sqrt(s * s_next)
-    u = x + (s_mid - s) * eps(x, s)
-    return x + (s_next - s) * eps(u, s_mid)
+        return torch.add(x, e, alpha=-s)
+    (s_mid,) = lambda_midpoint(s, s_next, False)
+    e_mid = yield x + (s_mid - s) * e, s_mid
+    return x + (s_next - s) * e_mid
 
 
-def dpm_solver_3_step(eps, x, s, s_next, history):
+def dpm_solver_3_step(x, s, s_next, history):
     """DPM-Solver-3 (Lu et al. 2022, Algorithm 2, r₁ = ⅓, r₂ = ⅔), noise-prediction form; Euler to σ' = 0.
 
     With h = λ' - λ and σ_r = σ e^{-rh}, the paper's σ_r (e^{rh} - 1) ε becomes (σ - σ_r) ε in x̄.
     """
+    e = history[-1].eps
     if s_next == 0:
-        return euler_step(eps, x, s, s_next, history)
+        return torch.add(x, e, alpha=-s)
     r1, r2 = 1 / 3, 2 / 3
     h = math.log(s / s_next)
-    s1, s2 = s * math.exp(-r1 * h), s * math.exp(-r2 * h)
-    e = eps(x, s)
-    d1 = eps(x + (s1 - s) * e, s1) - e
+    s1, s2 = dpm_solver_3_stages(s, s_next, False)
+    d1 = (yield x + (s1 - s) * e, s1) - e
     u2 = x + (s2 - s) * e - s2 * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * d1
-    d2 = eps(u2, s2) - e
+    d2 = (yield u2, s2) - e
     return x + (s_next - s) * e - s_next / r2 * (math.expm1(h) / h - 1) * d2
 
 
-def dpmpp_2m_step(eps, x, s, s_next, history):
+def dpmpp_2m_step(x, s, s_next, history):
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): multistep on the x_0 prediction D = x̄ - σ ε.
 
     ``x̄' = (σ'/σ) x̄ + (1 - σ'/σ) D̂``, ``D̂ = (1 + 1/(2r)) D_i - D_{i-1}/(2r)``, r = h_{i-1}/h_i in
     λ = -log σ; first order (D̂ = D_i, i.e. DDIM) on the first step and on the last, to σ' = 0.
     """
-    e = eps(x, s)
-    d = x - s * e
-    d_hat = d
-    if history and s_next > 0:
-        s_prev, x_prev, e_prev = history[-1]
-        r = math.log(s_prev / s) / math.log(s / s_next)
-        d_hat = (1 + 1 / (2 * r)) * d - (x_prev - s_prev * e_prev) / (2 * r)
-    history.append((s, x, e))
-    return (s_next / s) * x + (1 - s_next / s) * d_hat
+    d = history[-1].denoised
+    rho = s_next / s
+    if len(history) < 2 or s_next == 0:
+        return torch.add(x * rho, d, alpha=1 - rho)  # DDIM
+    prev = history[-2]
+    r = math.log(prev.sigma / s) / math.log(s / s_next)
+    # x̄' = ρ x̄ + (1 - ρ) D̂ with D̂ expanded, as three fused tensor ops
+    return torch.add(x * rho, d, alpha=(1 - rho) * (1 + 1 / (2 * r))).add_(prev.denoised, alpha=-(1 - rho) / (2 * r))
 
 
-def dpmpp_3m_step(eps, x, s, s_next, history):
+def dpmpp_3m_step(x, s, s_next, history):
     """DPM-Solver++(3M) (Lu et al. 2022b, multistep, third order) on the x_0 prediction D = x̄ - σ ε.
 
     In λ = -log σ, Eq 14 reads dx̄/dλ = D - x̄, so x̄(λ+h) = e^{-h} x̄ + ∫₀ʰ e^{-(h-τ)} D(λ+τ) dτ.
@@ -121,40 +225,31 @@ def dpmpp_3m_step(eps, x, s, s_next, history):
     second uses two predictions, so that the start-up errors are O(h³) and the method is of third
     order; the last step, to σ' = 0, is first order.
     """
-    e = eps(x, s)
-    d = x - s * e
+    current = history[-1]
+    d = current.denoised
+    if s_next == 0:
+        return d
+    if len(history) == 1:  # start-up: DPM-Solver-2's λ-midpoint step
+        (s_mid,) = dpmpp_3m_stages(s, s_next, True)
+        e_mid = yield x + (s_mid - s) * current.eps, s_mid
+        return x + (s_next - s) * e_mid
     x_next = (s_next / s) * x + (1 - s_next / s) * d
-    if not history and s_next > 0:  # start-up: DPM-Solver-2's λ-midpoint step
-        s_mid = math.sqrt(s * s_next)
-        x_next = x + (s_next - s) * eps(x + (s_mid - s) * e, s_mid)
-    elif history and s_next > 0:
-        h = math.log(s / s_next)
-        phi_2 = math.expm1(-h) / h + 1
-        s_1, x_1, e_1 = history[-1]
-        r0 = math.log(s_1 / s) / h
-        d1_0 = (d - (x_1 - s_1 * e_1)) / r0
-        if len(history) >= 2:
-            s_2, x_2, e_2 = history[-2]
-            r1 = math.log(s_2 / s_1) / h
-            d1_1 = ((x_1 - s_1 * e_1) - (x_2 - s_2 * e_2)) / r1
-            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-            d2 = (d1_0 - d1_1) / (r0 + r1)
-            x_next = x_next + phi_2 * d1 + (1 - 2 * phi_2 / h) * d2
-        else:
-            x_next = x_next + phi_2 * d1_0
-    history.append((s, x, e))
-    return x_next
+    h = math.log(s / s_next)
+    phi_2 = math.expm1(-h) / h + 1
+    p1 = history[-2]
+    r0 = math.log(p1.sigma / s) / h
+    d1_0 = (d - p1.denoised) / r0
+    if len(history) == 2:
+        return x_next + phi_2 * d1_0
+    p2 = history[-3]
+    r1 = math.log(p2.sigma / p1.sigma) / h
+    d1_1 = (p1.denoised - p2.denoised) / r1
+    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    return x_next + phi_2 * d1 + (1 - 2 * phi_2 / h) * d2
 
 
-def current_prediction(eps, x, s, history):
-    """D = x̄ - σ ε at the start of a predictor–corrector step: evaluated here on the first step, else
-    the one the previous step evaluated at its end (the last entry of ``history``, (σ, D) pairs)."""
-    if not history:
-        history.append((s, x - s * eps(x, s)))
-    return history[-1][1]
-
-
-def unipc_step(eps, x, s, s_next, history):
+def unipc_step(x, s, s_next, history):
     """UniPC (Zhao et al. 2023) with B(h) = e^h - 1 ("bh2"), on the x_0 prediction D = x̄ - σ ε.
 
     Like :func:`dpmpp_3m_step` it integrates dx̄/dλ = D - x̄, x̄' = e^{-h} x̄ + (1 - e^{-h}) D_i + (the
@@ -162,30 +257,31 @@ def unipc_step(eps, x, s, s_next, history):
     (UniP-2) takes D's slope from (D_{i-1}, D_i) with weight B(h)/2 = (1 - e^{-h})/2 in λ units,
     which equals the exact weight φ₂ to O(h²). Then D' = D(x̄', σ') fits a quadratic through
     (D_{i-1}, D_i, D') and the corrector (UniC) recomputes x̄' with it integrated exactly (the
-    solution of UniC's linear system, whatever B(h)). D' is reused by the next step, so the
-    corrector costs no evaluation: order 3 for one evaluation per step. On the first step the
-    predictor is DDIM and the corrector weights D' - D_i by B(h)/2 (UniC-1). The last step, to
-    σ' = 0, returns D_i. This is diffusers' ``UniPCMultistepScheduler`` at its defaults.
+    solution of UniC's linear system, whatever B(h)). D' is reused by the next step
+    (``reuses_last``), so the corrector costs no evaluation: order 3 for one evaluation per step.
+    On the first step the predictor is DDIM and the corrector weights D' - D_i by B(h)/2 (UniC-1).
+    The last step, to σ' = 0, returns D_i. This is diffusers' ``UniPCMultistepScheduler`` at its defaults.
     """
-    d = current_prediction(eps, x, s, history)
+    d = history[-1].denoised
     if s_next == 0:
         return d
     h = math.log(s / s_next)
     phi_2 = math.expm1(-h) / h + 1
     b_half = -math.expm1(-h) / 2  # B(h)/2 in the units of dx̄/dλ = D - x̄
     base = (s_next / s) * x + (1 - s_next / s) * d
-    prev = history[-2] if len(history) >= 2 else None
+    prev = history[-2].denoised if len(history) >= 2 else None
     if prev is not None:
-        r0 = math.log(prev[0] / s) / h  # the previous point sits at u = -r0 in units of h
-        x_pred = base + b_half * (d - prev[1]) / r0
+        r0 = math.log(history[-2].sigma / s) / h  # the previous point sits at u = -r0 in units of h
+        x_pred = base + b_half * (d - prev) / r0  # UniP-2
     else:
-        x_pred = base
-    d_next = x_pred - s_next * eps(x_pred, s_next)
-    history.append((s_next, d_next))
+        x_pred = base  # DDIM
+    end = Evaluation(s_next, x_pred, (yield x_pred, s_next))
+    history.append(end)  # the next step's start
+    d_next = end.denoised
     if prev is None:
-        return base + b_half * (d_next - d)
+        return base + b_half * (d_next - d)  # UniC-1
     # D(u) = D_i + a u + b u² through u = -r0, 0, 1, integrated exactly (see dpmpp_3m_step).
-    b = ((prev[1] - d) + r0 * (d_next - d)) / (r0 * (1 + r0))
+    b = ((prev - d) + r0 * (d_next - d)) / (r0 * (1 + r0))
     a = d_next - d - b
     return base + phi_2 * a + (1 - 2 * phi_2 / h) * b
 
@@ -202,7 +298,7 @@ def sigma_polynomial_weights(nodes: list[float], rho: float) -> list[float]:
     return torch.linalg.solve(vandermonde.T, torch.tensor(moments, dtype=torch.float64)).tolist()
 
 
-def pc_sigma_step(eps, x, s, s_next, history):
+def pc_sigma_step(x, s, s_next, history):
     """UniPC's predictor–corrector scheme with D = x̄ - σ ε interpolated in σ instead of λ (this library's).
 
     Eq 14 as dx̄/dσ = (x̄ - D)/σ has the integrating factor 1/σ: exactly,
@@ -213,56 +309,116 @@ def pc_sigma_step(eps, x, s, s_next, history):
     polynomial in λ = -log σ would need ever higher degrees to follow it; on the mixture benchmark
     this roughly halves UniPC's error at 10 evaluations. The last step, to σ' = 0, returns D_i.
     """
-    d = current_prediction(eps, x, s, history)
     if s_next == 0:
-        return d
+        return history[-1].denoised
     rho = s_next / s
 
     def advance(nodes):
         weights = sigma_polynomial_weights([s_j / s for s_j, _ in nodes], rho)
         return rho * (x - sum(w * d_j for w, (_, d_j) in zip(weights, nodes)))
 
-    nodes = history[-2:]
-    x_pred = advance(nodes)
-    d_next = x_pred - s_next * eps(x_pred, s_next)
-    history.append((s_next, d_next))
-    return advance([*nodes, (s_next, d_next)])
+    nodes = [(e.sigma, e.denoised) for e in history[-2:]]
+    x_pred = advance(nodes)  # predictor: D linear in σ
+    end = Evaluation(s_next, x_pred, (yield x_pred, s_next))
+    history.append(end)  # the next step's start
+    return advance([*nodes, (s_next, end.denoised)])  # corrector: D quadratic in σ
 
 
 @dataclass(frozen=True)
 class Method:
-    """An ODE method: its step function, its order, and its model evaluations per (non-final) step."""
+    """An ODE method on Eq 14: its step (see the module docstring), its order, and where it evaluates the model.
+
+    ``stages(s, s_next, first)``: the noise levels of a step's evaluations besides its start
+    (``first``: the solve's first step). ``reuses_last``: the start of each step after the first
+    reuses the evaluation the previous step made last (the predictor–corrector methods).
+    ``min_timesteps``: the fewest timesteps τ the method takes.
+    """
 
     step: Callable
     order: int
-    nfe_per_step: int
-    startup_nfe: int = 0
+    stages: Callable[[float, float, bool], tuple[float, ...]] = no_stages
+    reuses_last: bool = False
+    min_timesteps: int = 1
+
+    def levels(self, sigmas: Sequence[float]) -> list[float]:
+        """The noise level of every model evaluation, in order, of a solve along the grid ``sigmas``."""
+        out = []
+        for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+            if i == 0 or not self.reuses_last:
+                out.append(s)
+            out.extend(self.stages(s, s_next, i == 0))
+        return out
 
     def nfe(self, S: int) -> int:
-        """Model evaluations for S timesteps (S - 1 steps between them and the last one, to σ = 0, costing 1)."""
-        return self.nfe_per_step * (S - 1) + 1 + (self.startup_nfe if S > 1 else 0)
+        """Model evaluations for S timesteps: S - 1 steps between them, then the last one to σ = 0."""
+        return len(self.levels([float(S - i) for i in range(S)] + [0.0]))
 
 
 METHODS = {
-    "euler": Method(euler_step, 1, 1),
-    "heun": Method(heun_step, 2, 2),
-    "rk4": Method(rk4_step, 4, 4),
-    "dpm_solver_2": Method(dpm_solver_2_step, 2, 2),
-    "dpm_solver_3": Method(dpm_solver_3_step, 3, 3),
-    "dpmpp_2m": Method(dpmpp_2m_step, 2, 1),
-    "dpmpp_3m": Method(dpmpp_3m_step, 3, 1, startup_nfe=1),
-    "unipc": Method(unipc_step, 3, 1),
-    "pc_sigma": Method(pc_sigma_step, 3, 1),
+    "euler": Method(euler_step, 1),
+    "heun": Method(heun_step, 2, end_stage),
+    "rk4": Method(rk4_step, 4, rk4_stages),
+    "dpm_solver_2": Method(dpm_solver_2_step, 2, lambda_midpoint),
+    "dpm_solver_3": Method(dpm_solver_3_step, 3, dpm_solver_3_stages),
+    "dpmpp_2m": Method(dpmpp_2m_step, 2),
+    "dpmpp_3m": Method(dpmpp_3m_step, 3, dpmpp_3m_stages),
+    "unipc": Method(unipc_step, 3, end_stage, reuses_last=True),
+    "pc_sigma": Method(pc_sigma_step, 3, end_stage, reuses_last=True),
 }
 
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's adaptive solvers
 ADAPTIVE_RTOL = ADAPTIVE_ATOL = 1e-5  # their default tolerances here
 
+METHOD_GROUPS = {
+    "Eq 12 samplers": tuple(SAMPLERS),
+    "ODE methods (Eq 14)": tuple(METHODS),
+    "adaptive ODE solvers (torchdiffeq)": ADAPTIVE,
+}
+ALL_METHODS = tuple(name for names in METHOD_GROUPS.values() for name in names)
+
+# How the last step, σ(τ_1) → 0, is taken, and the fewest timesteps each needs.
+FINAL_STEPS = {"euler": 1, "extrapolate": 2}
+
+
+def method_listing() -> str:
+    """The valid method names, by family."""
+    return "; ".join(f"{group}: {', '.join(names)}" for group, names in METHOD_GROUPS.items())
+
+
+def check_options(method: str, n_timesteps: int | None = None, *, eta: float = 0.0, clip_x0: float | None = None,
+                  final_step: str = "euler", rtol: float | None = None, atol: float | None = None,
+                  return_trajectory: bool = False) -> None:
+    """Refuse an unknown method (listing the valid names), an option the method does not take (naming
+    the methods that take it), a bad value, and fewer timesteps than the method and final step need."""
+    if method not in SAMPLERS and method not in METHODS and method not in ADAPTIVE:
+        raise ValueError(f"unknown method {method!r}. Valid methods are {method_listing()}")
+    check_eta(eta)
+    if clip_x0 is not None and not (isinstance(clip_x0, (int, float)) and not isinstance(clip_x0, bool) and clip_x0 > 0):
+        raise ValueError(f"clip_x0 must be a number > 0 (x_0 is clamped to [-clip_x0, clip_x0]; math.inf: no clipping) "
+                         f"or None (the method's default), got {clip_x0!r}")
+    if final_step not in FINAL_STEPS:
+        raise ValueError(f"final_step must be one of {tuple(FINAL_STEPS)}, got {final_step!r}")
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {tol!r}")
+    takers = {  # option: (its value, the methods that take it)
+        "eta": (eta != 0, ("ddim",)),
+        "clip_x0": (clip_x0 is not None, tuple(SAMPLERS)),
+        "final_step": (final_step != "euler", tuple(METHODS)),
+        "rtol": (rtol is not None, ADAPTIVE),
+        "atol": (atol is not None, ADAPTIVE),
+        "return_trajectory": (bool(return_trajectory), (*SAMPLERS, *METHODS)),
+    }
+    for name, (given, methods) in takers.items():
+        if given and method not in methods:
+            raise ValueError(f"{name} applies to the methods {', '.join(methods)}; method {method!r} does not take it")
+    if n_timesteps is not None:
+        need = max(METHODS[method].min_timesteps if method in METHODS else 1, FINAL_STEPS[final_step])
+        if n_timesteps < need:
+            raise ValueError(f"method {method!r} with final_step={final_step!r} needs at least {need} timesteps, got {n_timesteps}")
+
 
 # --- integration ----------------------------------------------------------------------------------
-
-
-FINAL_STEPS = ("euler", "extrapolate")  # how the last step, σ(τ_1) → 0, is taken
 
 
 def extrapolated_x0(d_1: Tensor, d_2: Tensor, s_1: float, s_2: float) -> Tensor:
@@ -276,45 +432,70 @@ def extrapolated_x0(d_1: Tensor, d_2: Tensor, s_1: float, s_2: float) -> Tensor:
     return d_1 + s_1**2 * (d_1 - d_2) / (s_2**2 - s_1**2)
 
 
-def integrate(model: Model, x_bar: Tensor, schedule: Schedule, sigmas, method: str = "euler", *,
-              final_step: str = "euler", progress: bool = False) -> Tensor:
-    """Integrate Eq 14 in the scaled state x̄ along the noise levels ``sigmas`` (any direction).
+def solve(method: str, x_bar: Tensor, sigmas: Sequence[float], *, final_step: str = "euler",
+          trajectory: list | None = None, progress: bool = False) -> Generator[tuple[Tensor, float], Tensor, Tensor]:
+    """One solve of Eq 14 along ``sigmas`` as a request generator: yields (x̄, σ), receives ε_θ(x̄, σ),
+    returns x̄ at ``sigmas[-1]`` (see the module docstring). ``trajectory``, if a list, receives x̄
+    after every step. ``final_step="extrapolate"`` replaces the last step's D_1 by :func:`extrapolated_x0`."""
+    m = METHODS[method]
+    history: list[Evaluation] = []
+    pairs = list(zip(sigmas[:-1], sigmas[1:]))
+    for s, s_next in tqdm(pairs, desc=method, leave=False) if progress else pairs:
+        if not (m.reuses_last and history):
+            history.append(Evaluation(s, x_bar, (yield x_bar, s)))  # the evaluation at the start of the step
+        out = m.step(x_bar, s, s_next, history)
+        x_bar = (yield from out) if isinstance(out, GeneratorType) else out
+        del history[:-3]  # the steps read at most the last three evaluations
+        if trajectory is not None:
+            trajectory.append(x_bar)
+    if final_step == "extrapolate":  # every method's last step returned D_1, the x_0 prediction at σ_1
+        x_bar = extrapolated_x0(history[-1].denoised, history[-2].denoised, history[-1].sigma, history[-2].sigma)
+        if trajectory is not None:
+            trajectory[-1] = x_bar
+    return x_bar
 
-    ``sigmas`` [N] is strictly monotone; the model is evaluated at every σ > 0 a method asks for
-    (σ must not fall below σ(0), the schedule's smallest level, except as a final target 0).
-    Autograd stays on (to differentiate through a solve); :func:`sample` and :func:`encode` turn it
-    off. A descent that ends at σ = 0 ends with the Euler step (``final_step="euler"``), or with
-    :func:`extrapolated_x0` from the last two levels (``"extrapolate"``, needs N ≥ 3).
+
+def answer(requests: Generator, eps: Field):
+    """Run a request generator to its end, answering each request (x, σ) with ``eps(x, σ)``; its return value."""
+    try:
+        x, s = next(requests)
+        while True:
+            x, s = requests.send(eps(x, s))
+    except StopIteration as done:
+        return done.value
+
+
+def integrate(eps: Field, x_bar: Tensor, sigmas, method: str = "euler", *, final_step: str = "euler",
+              progress: bool = False, trajectory: list | None = None) -> Tensor:
+    """Integrate Eq 14, dx̄/dσ = ε(x̄, σ), in the scaled state x̄ along the noise levels ``sigmas`` (any direction).
+
+    ``eps(x_bar, sigma)`` is the field: :class:`ddim_edu.model.EpsField` for a model in the native
+    contract ``model(x, t)`` (give it ``METHODS[method].levels(sigmas)`` to convert every σ once),
+    :func:`ddim_edu.model.denoiser_field` for an EDM / k-diffusion denoiser D(x̄, σ) over any σ
+    range, or any callable. ``sigmas`` [N] is strictly monotone; the field is evaluated at every
+    σ > 0 a method asks for, never at a final 0. Autograd stays on (to differentiate through a
+    solve); :func:`sample` and :func:`encode` turn it off. A descent that ends at σ = 0 ends with
+    the Euler step (``final_step="euler"``), or with :func:`extrapolated_x0` from the last two
+    levels (``"extrapolate"``, needs N ≥ 3).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if final_step not in FINAL_STEPS:
-        raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).tolist()
-    extrapolate = final_step == "extrapolate"
-    if extrapolate and (len(sigmas) < 3 or sigmas[-1] != 0 or sigmas[-2] > sigmas[-3]):
+        raise ValueError(f"final_step must be one of {tuple(FINAL_STEPS)}, got {final_step!r}")
+    sigmas = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).tolist()]
+    steps = [b - a for a, b in zip(sigmas[:-1], sigmas[1:])]
+    if not sigmas or not all(math.isfinite(s) and s >= 0 for s in sigmas) or not (
+            all(h < 0 for h in steps) or all(h > 0 for h in steps)):
+        raise ValueError(f"sigmas must be finite noise levels >= 0, strictly monotone, got {sigmas[:8]}")
+    if final_step == "extrapolate" and (len(sigmas) < 3 or sigmas[-1] != 0 or steps[0] > 0):
         raise ValueError("final_step='extrapolate' needs a descent to σ = 0 from at least two noise levels "
                          "(at least 2 timesteps); use final_step='euler'")
-    step = METHODS[method].step
-    at_s_2 = {}  # the last evaluation at σ_2, the level before σ_1
-
-    def eps(x, s):
-        e = eps_at_sigma(model, schedule, x, s)
-        if extrapolate and s == sigmas[-3]:
-            at_s_2["D"] = x - s * e
-        return e
-
-    history: list = []
-    pairs = list(zip(sigmas[:-1], sigmas[1:]))
-    for s, s_next in tqdm(pairs, desc=method, leave=False) if progress else pairs:
-        x_bar = step(eps, x_bar, s, s_next, history)
-    if extrapolate:  # every method's last step returned D_1, the x_0 prediction at σ_1
-        x_bar = extrapolated_x0(x_bar, at_s_2["D"], sigmas[-2], sigmas[-3])
-    return x_bar
+    return answer(solve(method, x_bar, sigmas, final_step=final_step, trajectory=trajectory, progress=progress), eps)
 
 
 def solve_adaptive(model: Model, x_bar: Tensor, schedule: Schedule, sigma_start: float, sigma_end: float, *,
-                   method: str = "dopri5", rtol: float = ADAPTIVE_RTOL, atol: float = ADAPTIVE_ATOL) -> tuple[Tensor, int]:
+                   method: str = "dopri5", rtol: float = ADAPTIVE_RTOL, atol: float = ADAPTIVE_ATOL,
+                   check_finite: bool = False) -> tuple[Tensor, int]:
     """Integrate Eq 14 from ``sigma_start`` to ``sigma_end`` with torchdiffeq's adaptive ``method``.
 
     Returns (x̄ at sigma_end, the number of model evaluations used).
@@ -325,7 +506,7 @@ def solve_adaptive(model: Model, x_bar: Tensor, schedule: Schedule, sigma_start:
         raise ValueError(f"method must be one of torchdiffeq's adaptive solvers {ADAPTIVE}, got {method!r}")
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be > 0, got rtol={rtol!r}, atol={atol!r}")
-    f = probability_flow(model, schedule)
+    f = probability_flow(model, schedule, check_finite=check_finite)
     span = torch.tensor([sigma_start, sigma_end], dtype=x_bar.dtype)  # torchdiffeq keeps time in y's dtype
     # step_t makes the solver land on sigma_end instead of stepping past it and interpolating:
     # beyond the schedule's noise levels the model is not defined.
@@ -333,12 +514,30 @@ def solve_adaptive(model: Model, x_bar: Tensor, schedule: Schedule, sigma_start:
     return out[-1], f.nfe
 
 
-def noise_levels(schedule: Schedule, timesteps, method: str) -> list[float]:
-    """σ(τ_S) > … > σ(τ_1) for a method, after checking τ is long enough for it."""
-    tau = schedule.check_timesteps(timesteps)
-    if (method.startswith("dpmpp_") or method == "unipc") and len(tau) < 2:
-        raise ValueError(f"timesteps must have at least 2 entries for the multistep method {method!r}")
-    return schedule.sigma(tau).flip(0).tolist()
+def _sample(model, x_T, schedule, tau, method, eta, generator, *, clip_x0, final_step, rtol, atol, return_trajectory,
+            progress, check_finite) -> Tensor:
+    """One run of :func:`sample` (arguments checked); ``check_finite`` checks every ε on the way."""
+    if method in SAMPLERS:
+        extra = {"eta": eta} if method == "ddim" else {}
+        if clip_x0 is not None:  # None: the sampler's default
+            extra["clip_x0"] = None if clip_x0 == math.inf else clip_x0
+        steps = SAMPLERS[method](model, x_T, schedule, tau, generator=generator, progress=progress,
+                                 check_finite=check_finite, **extra)
+        return run_steps(x_T, steps, return_trajectory)
+    sigmas = schedule.sigma(tau).flip(0).tolist()  # σ(τ_S) > … > σ(τ_1)
+    known = dict(zip(sigmas, tau.flip(0).tolist()))  # exact timesteps on the grid
+    x_bar = x_T * math.sqrt(1 + sigmas[0] ** 2)  # x̄ = x / sqrt(ᾱ)
+    if method in ADAPTIVE:  # checked always: a NaN would otherwise stop torchdiffeq with a step size underflow
+        x_bar, _ = solve_adaptive(model, x_bar, schedule, sigmas[0], sigmas[-1], method=method, check_finite=True,
+                                  rtol=ADAPTIVE_RTOL if rtol is None else rtol, atol=ADAPTIVE_ATOL if atol is None else atol)
+        sigmas, method = sigmas[-1:], "euler"
+    grid = [*sigmas, 0.0]
+    field = EpsField(model, schedule, METHODS[method].levels(grid), known, check_finite=check_finite)
+    trajectory = [] if return_trajectory else None
+    x0 = integrate(field, x_bar, grid, method, final_step=final_step, progress=progress, trajectory=trajectory)
+    if return_trajectory:  # in the model's coordinates x = x̄ / sqrt(1 + σ²)
+        return torch.stack([x_T, *(x / math.sqrt(1 + s**2) for x, s in zip(trajectory, grid[1:]))])
+    return x0
 
 
 @torch.no_grad()
@@ -351,65 +550,128 @@ def sample(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     *,
+    clip_x0: float | None = None,
+    final_step: str = "euler",
+    rtol: float | None = None,
+    atol: float | None = None,
     return_trajectory: bool = False,
-    rtol: float = ADAPTIVE_RTOL,
-    atol: float = ADAPTIVE_ATOL,
-    **options,
+    progress: bool = False,
 ) -> Tensor:
-    """Sample x_0 from ``x_T`` along the increasing timesteps τ_1 < … < τ_S with ``method``.
+    """Sample x_0 from ``x_T`` along the timesteps τ (in either order; sampling runs from the largest) with ``method``.
 
     ``method`` is an Eq 12 sampler (``"ddim"``, ``"sigma_hat"``), an ODE method of ``METHODS``,
-    or one of torchdiffeq's adaptive solvers (``ADAPTIVE``, using ``rtol``/``atol`` and only τ_S
-    and τ_1 from ``timesteps``). ``eta`` is DDIM's η (Eq 16; only for ``"ddim"``). ``options``
-    go to the method (``clip_x0`` for the Eq 12 samplers, ``final_step`` for the ODE methods, see
-    :func:`integrate`; ``progress``). With
-    ``return_trajectory=True`` (Eq 12 samplers) the result is the stack [S+1, B, …] of
-    x_{τ_S} = x_T, …, x_0.
+    or one of torchdiffeq's adaptive solvers (``ADAPTIVE``, using only τ_S and τ_1). Options, each
+    refused by a method that does not take it: ``eta``, DDIM's η (Eq 16; ``"ddim"``); ``clip_x0``,
+    clamp the x_0 prediction to [-c, c] (the Eq 12 samplers; None: the sampler's default, none for
+    ``"ddim"`` and 1 for ``"sigma_hat"`` as the reference code; ``math.inf``: none); ``final_step``, how an ODE method takes its last step
+    (:func:`integrate`); ``rtol``/``atol``, an adaptive solver's tolerances (default
+    ``ADAPTIVE_RTOL``/``ADAPTIVE_ATOL``); ``return_trajectory``, the stack [S+1, B, …] of
+    x_{τ_S} = x_T, …, x_{τ_1}, x_0 in the model's coordinates; ``progress``, a tqdm bar.
+
+    The steps check no values on the way (no host synchronisation per step). The result is checked:
+    if it holds NaN or inf, the run is repeated (with the same noise, when ``generator`` is given)
+    checking x_T and every ε, and FloatingPointError names the first timestep where ε was not finite.
     """
     check_x(x_T)
-    if method in SAMPLERS:
-        extra = {"eta": eta} if method == "ddim" else {}
-        if method != "ddim" and eta != 0.0:
-            raise ValueError(f"eta applies to method 'ddim' only; method {method!r} got eta={eta!r}")
-        if "final_step" in options:
-            raise ValueError(f"final_step applies to the ODE methods {sorted(METHODS)}; method {method!r} ends with "
-                             "its own last step (for η = 0 the same as 'euler')")
-        steps = SAMPLERS[method](model, x_T, schedule, timesteps, generator=generator, **extra, **options)
-        return run_steps(x_T, steps, return_trajectory)
-    if method not in METHODS and method not in ADAPTIVE:
-        raise ValueError(f"method must be one of {sorted([*SAMPLERS, *METHODS, *ADAPTIVE])}, got {method!r}")
-    if eta != 0.0:
-        raise ValueError(f"eta applies to method 'ddim' only; the ODE method {method!r} got eta={eta!r}")
-    if return_trajectory:
-        raise ValueError("return_trajectory is available for the Eq 12 samplers ('ddim', 'sigma_hat') only")
-    sigmas = noise_levels(schedule, timesteps, method)
-    x_bar = x_T * math.sqrt(1 + sigmas[0] ** 2)  # x̄ = x / sqrt(ᾱ)
-    if method in ADAPTIVE:
-        if options.get("final_step", "euler") != "euler":
-            raise ValueError(f"final_step={options['final_step']!r} needs a fixed grid; the adaptive solver {method!r} "
-                             "ends with the Euler step (use a method of METHODS)")
-        x_bar, _ = solve_adaptive(model, x_bar, schedule, sigmas[0], sigmas[-1], method=method, rtol=rtol, atol=atol)
-        sigmas = sigmas[-1:]
-    return integrate(model, x_bar, schedule, [*sigmas, 0.0], method if method in METHODS else "euler", **options)
+    tau = schedule.check_timesteps(timesteps)
+    check_options(method, len(tau), eta=eta, clip_x0=clip_x0, final_step=final_step, rtol=rtol, atol=atol,
+                  return_trajectory=return_trajectory)
+    state = generator.get_state() if generator is not None else None
+    args = (model, x_T, schedule, tau, method, eta, generator)
+    options = dict(clip_x0=clip_x0, final_step=final_step, rtol=rtol, atol=atol, return_trajectory=return_trajectory)
+    out = _sample(*args, **options, progress=progress, check_finite=False)
+    if is_finite(out[-1] if return_trajectory else out):
+        return out
+    # Find the cause: the same run, checking as it goes.
+    if not is_finite(x_T):
+        raise FloatingPointError("x_T has NaN or inf entries; the sample is not finite")
+    if state is not None:
+        generator.set_state(state)
+    _sample(*args, **options, progress=False, check_finite=True)
+    raise FloatingPointError(f"the sampled x_0 has NaN or inf although x_T and every ε_θ were finite: a step of "
+                             f"{method!r} overflowed (check eta, clip_x0 and the timesteps)"
+                             + ("" if state is not None or method not in ("ddim", "sigma_hat") else
+                                "; or the re-run, without a generator, drew other noise"))
+
+
+# --- inversion ------------------------------------------------------------------------------------
+
+
+class ConvergenceError(ArithmeticError):
+    """An iteration did not reach its tolerance; the message gives the residual and what to change."""
+
+
+def fixed_point(g: Callable[[Tensor], Tensor], x: Tensor, *, tol: float, max_iterations: int,
+                memory: int = 5) -> tuple[Tensor, int, float]:
+    """Solve x = g(x) for a batch [B, …] by fixed-point iteration with Anderson acceleration.
+
+    Plain iteration x ← g(x) converges at the rate of g's largest Jacobian eigenvalue, which for
+    DDIM inversion at a noise level far above the data's scale is close to 1. Anderson's method
+    (type II; Walker & Ni 2011) instead takes, per sample, the combination of the last ``memory``
+    iterates whose residuals g(x) - x best cancel (a small least-squares problem), which for a
+    linear g converges in at most dim + 1 steps. A step that would not be finite falls back to
+    x ← g(x). Stops when every sample's ‖g(x) - x‖ ≤ ``tol`` · ‖g(x)‖; returns (x, evaluations of
+    g, the largest relative residual). Raises :class:`ConvergenceError` after ``max_iterations``.
+    """
+    B = x.shape[0]
+    d_g, d_f = [], []  # differences of successive g(x) and of successive residuals, [B, n] each
+    g_prev = f_prev = None
+    worst = math.inf
+    for k in range(1, max_iterations + 1):
+        g_x = g(x)
+        f = (g_x - x).reshape(B, -1).double()
+        worst = (f.norm(dim=1) / g_x.reshape(B, -1).double().norm(dim=1).clamp_min(1e-300)).max().item()
+        if worst <= tol:
+            return g_x, k, worst
+        if g_prev is not None:
+            d_g.append((g_x - g_prev).reshape(B, -1).double())
+            d_f.append(f - f_prev)
+            del d_g[:-memory], d_f[:-memory]
+        g_prev, f_prev = g_x, f
+        x_next = g_x
+        if d_f:
+            F, G = torch.stack(d_f, dim=2), torch.stack(d_g, dim=2)  # [B, n, m]
+            gamma = torch.linalg.lstsq(F, f.unsqueeze(2)).solution  # argmin ‖f - F γ‖ per sample
+            candidate = (g_x.reshape(B, -1).double() - (G @ gamma).squeeze(2)).reshape(x.shape).to(x.dtype)
+            if is_finite(candidate):
+                x_next = candidate
+            else:
+                d_g.clear(), d_f.clear()
+        x = x_next
+    raise ConvergenceError(f"the fixed-point iteration did not converge: relative residual {worst:.3g} after "
+                           f"{max_iterations} evaluations (tol {tol:g})")
 
 
 @torch.no_grad()
 def encode(model: Model, x0: Tensor, schedule: Schedule, timesteps, method: str = "euler", *,
-           fixed_point_iterations: int = 3, progress: bool = False) -> Tensor:
+           tol: float | None = None, max_iterations: int = 200, progress: bool = False) -> Tensor:
     """DDIM inversion: integrate Eq 14 upwards, from x_0 (σ = 0) to x_T at σ(τ_S) (Section 4.3).
 
     The model is not defined at σ = 0, so the first step, 0 → σ(τ_1), inverts :func:`sample`'s
-    last Euler step exactly, solving ``x̄_1 = x_0 + σ_1 ε_θ(x̄_1, σ_1)`` by fixed-point iteration
-    (a contraction for small σ_1). The remaining steps use ``method``, each evaluating ε at the
-    noise levels the method prescribes (not the ε(x_t, t+Δ) shortcut). ``sample`` with the same
-    method and timesteps maps the result back to x_0 up to the discretisation error.
+    last (Euler) step exactly: it solves ``x̄_1 = x_0 + σ_1 ε_θ(x̄_1, σ_1)`` — the x_0 prediction at
+    x̄_1 equals x_0 — by :func:`fixed_point` to the relative tolerance ``tol`` (default: a hundred
+    times the dtype's machine epsilon), raising :class:`ConvergenceError` after ``max_iterations``.
+    The remaining steps use ``method``, each evaluating ε at the noise levels the method prescribes
+    (not the ε(x_t, t+Δ) shortcut). ``sample`` with the same method and timesteps maps the result
+    back to x_0 up to the discretisation error of those steps.
     """
-    check_x(x0)
-    if not isinstance(fixed_point_iterations, int) or fixed_point_iterations < 1:
-        raise ValueError(f"fixed_point_iterations must be a positive int, got {fixed_point_iterations!r}")
-    sigmas = noise_levels(schedule, timesteps, method)[::-1]  # increasing
-    x_bar = x0
-    for _ in range(fixed_point_iterations):
-        x_bar = x0 + sigmas[0] * eps_at_sigma(model, schedule, x_bar, sigmas[0])
-    x_bar = integrate(model, x_bar, schedule, sigmas, method, progress=progress) if len(sigmas) > 1 else x_bar
+    check_x(x0, "x0")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of the ODE methods {sorted(METHODS)}, got {method!r}")
+    if not isinstance(max_iterations, int) or isinstance(max_iterations, bool) or max_iterations < 1:
+        raise ValueError(f"max_iterations must be a positive int, got {max_iterations!r}")
+    tol = 100 * torch.finfo(x0.dtype).eps if tol is None else tol
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be a number > 0, got {tol!r}")
+    tau = schedule.check_timesteps(timesteps)
+    sigmas = schedule.sigma(tau).tolist()  # increasing
+    field = EpsField(model, schedule, METHODS[method].levels(sigmas) + sigmas[:1], dict(zip(sigmas, tau.tolist())))
+    s_1 = sigmas[0]
+    try:
+        x_bar, _, _ = fixed_point(lambda y: torch.add(x0, field(y, s_1), alpha=s_1), x0, tol=tol, max_iterations=max_iterations)
+    except ConvergenceError as err:
+        raise ConvergenceError(f"encode's first step (0 → σ(τ_1) = {s_1:.4g}): {err}; raise max_iterations or tol, "
+                               "or start τ at a smaller timestep") from None
+    if len(sigmas) > 1:
+        x_bar = integrate(field, x_bar, sigmas, method, progress=progress)
     return x_bar / math.sqrt(1 + sigmas[-1] ** 2)

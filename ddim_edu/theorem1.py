@@ -21,14 +21,15 @@ import math
 import torch
 from torch import Tensor
 
-from .forward import q_sample, q_sigma_reverse_mean, sample_q_sigma_joint, sigma_eta
-from .sampling import Model, predict_x0
+from .forward import check_eta, q_sample, q_sigma_reverse_mean, sample_q_sigma_joint, sigma_eta
+from .model import Model
+from .sampling import predict_x0
 from .schedules import Schedule
 
 
 def sigmas_for_eta(schedule: Schedule, eta: float, sigma_1: float) -> Tensor:
     """σ_t for t = 1..T (float64 [T]): Eq 16 with parameter η for t ≥ 2, and the given σ_1 > 0."""
-    if not eta > 0:
+    if check_eta(eta) == 0:
         raise ValueError(f"eta must be > 0 for Theorem 1 (it needs σ_t > 0 for every t), got {eta!r}")
     if not sigma_1 > 0:
         raise ValueError(

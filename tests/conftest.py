@@ -52,22 +52,20 @@ def _dpmpp_3m_variant(ddim_start: bool, half_d2: bool):
 
     from ddim_edu import solvers
 
-    def step(eps, x, s, s_next, history):
-        if s_next == 0 or (history and len(history) < 2) or not (history or ddim_start):
-            return solvers.dpmpp_3m_step(eps, x, s, s_next, history)
-        e = eps(x, s)
-        d = x - s * e
+    def step(x, s, s_next, history):
+        if s_next == 0 or len(history) == 2 or (len(history) == 1 and not ddim_start):
+            return (yield from solvers.dpmpp_3m_step(x, s, s_next, history))
+        d = history[-1].denoised
         x_next = (s_next / s) * x + (1 - s_next / s) * d  # DDIM; with two predictions back, plus:
-        if len(history) >= 2:
+        if len(history) >= 3:
             h = math.log(s / s_next)
             phi_2 = math.expm1(-h) / h + 1
-            (s_1, x_1, e_1), (s_2, x_2, e_2) = history[-1], history[-2]
-            r0, r1 = math.log(s_1 / s) / h, math.log(s_2 / s_1) / h
-            d1_0 = (d - (x_1 - s_1 * e_1)) / r0
-            d1_1 = ((x_1 - s_1 * e_1) - (x_2 - s_2 * e_2)) / r1
+            p1, p2 = history[-2], history[-3]
+            r0, r1 = math.log(p1.sigma / s) / h, math.log(p2.sigma / p1.sigma) / h
+            d1_0 = (d - p1.denoised) / r0
+            d1_1 = (p1.denoised - p2.denoised) / r1
             d1, d2 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1), (d1_0 - d1_1) / (r0 + r1)
             x_next = x_next + phi_2 * d1 + ((0.5 - phi_2 / h) if half_d2 else (1 - 2 * phi_2 / h)) * d2
-        history.append((s, x, e))
         return x_next
 
     return step

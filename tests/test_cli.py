@@ -23,7 +23,7 @@ from ddim_edu.image.pretrained import (
     to_diffusers_state_dict,
 )
 from ddim_edu.schedules import linear_schedule
-from ddim_edu.solvers import sample
+from ddim_edu.solvers import ALL_METHODS, sample
 from ddim_edu.image.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,10 +137,10 @@ def test_sample_unknown_method_lists_the_valid_ones(tiny_model, tmp_path, capsys
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "unknown method 'dpm++'" in err
-    assert all(name in err for name in generate.ALL_METHODS)
+    assert all(name in err for name in ALL_METHODS)
     with pytest.raises(SystemExit):
         run_sample(folder, tmp_path / "x", "--method", "heun", "--eta", "0.5")
-    assert "applies to method 'ddim' only" in capsys.readouterr().err
+    assert "eta applies to the methods ddim; method 'heun' does not take it" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -247,7 +247,7 @@ def test_sample_final_step(tiny_model, tmp_path, capsys):
     assert not np.array_equal(images_of(out), images_of(tmp_path / "euler"))
     with pytest.raises(SystemExit):
         run_sample(folder, tmp_path / "x", "--method", "ddim", "--final-step", "extrapolate")
-    assert "applies to the ODE methods" in capsys.readouterr().err
+    assert "final_step applies to the methods euler, heun" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -270,14 +270,24 @@ def test_sample_errors_name_the_subcommand_and_unusable_devices(tiny_model, tmp_
         assert not (tmp_path / device.replace(":", "_")).exists()  # refused before the folder is made
 
 
-def test_sample_failed_before_any_batch_does_not_block_the_corrected_rerun(tiny_model, tmp_path, capsys):
-    """A run that fails after writing its manifest but before any batch (here: extrapolation with one timestep)
-    leaves nothing to protect, so the corrected command is not refused as 'other arguments'."""
+def test_sample_failed_before_any_batch_does_not_block_the_corrected_rerun(tiny_model, tmp_path, capsys, monkeypatch):
+    """A run that fails after writing its manifest but before any batch leaves nothing to protect, so the
+    corrected command is not refused as 'other arguments'. Arguments that cannot work are refused before
+    any file is written."""
     folder, _ = tiny_model
     out = tmp_path / "run"
     assert run_sample(folder, out, "--method", "euler", "--final-step", "extrapolate", steps=1) == 1
     assert "at least 2 timesteps" in capsys.readouterr().err
-    assert (out / "manifest.json").is_file() and not (out / "shards").exists()
+    assert not out.exists()
+
+    def fail(*args, **kwargs):
+        raise ValueError("the first batch failed")
+
+    monkeypatch.setattr(generate, "sample_batch", fail)
+    assert run_sample(folder, out, "--method", "euler", steps=1) == 1
+    assert "the first batch failed" in capsys.readouterr().err
+    assert (out / "manifest.json").is_file() and not any((out / "shards").glob("*.npz"))
+    monkeypatch.undo()
     assert run_sample(folder, out, "--method", "euler", "--final-step", "extrapolate", steps=2) == 0
     assert json.loads((out / "manifest.json").read_text())["steps"] == 2
     assert run_sample(folder, out, "--method", "euler", steps=3) == 1  # with samples made, other arguments are refused
@@ -333,7 +343,7 @@ def test_sample_adaptive_solver_tolerances(tiny_model, tmp_path, capsys):
     np.testing.assert_array_equal(images_of(out), float_to_pixels(expected).permute(0, 2, 3, 1).numpy())
     assert run_sample(folder, tmp_path / "default", "--method", "dopri5", n=2) == 0  # the solver's defaults, recorded
     assert json.loads((tmp_path / "default" / "manifest.json").read_text())["rtol"] == 1e-5
-    for bad, message in ((["--method", "ddim", "--rtol", "1e-3"], "applies to the adaptive solvers"),
+    for bad, message in ((["--method", "ddim", "--rtol", "1e-3"], "applies to the methods dopri5"),
                          (["--method", "dopri5", "--atol", "0"], "atol must be a finite number > 0")):
         with pytest.raises(SystemExit):
             run_sample(folder, tmp_path / "x", *bad)

@@ -59,6 +59,7 @@ import torch
 
 from ddim_edu import solvers
 from ddim_edu.mixture import GaussianMixture
+from ddim_edu.model import EpsField
 from ddim_edu.schedules import linear_schedule
 from ddim_edu.solvers import integrate, sample
 
@@ -158,7 +159,7 @@ def test_euler_matches_diffusers(setup, S, spacing):
     for k, t in enumerate(ref.timesteps):
         eps = model(ref.scale_model_input(y, t), torch.full((len(x),), t_of(sched, sigmas[k]), dtype=torch.float64))
         theirs = ref.step(eps, t, y).prev_sample
-        ours = integrate(model, y, sched, sigmas[k:k + 2], "euler")
+        ours = integrate(EpsField(model, sched), y, sigmas[k:k + 2], "euler")
         torch.testing.assert_close(ours, theirs, **ROUNDING)
         y = theirs.float().double()
 
@@ -281,7 +282,7 @@ def test_dpm_solver_2_matches_singlestep_order_2(setup, S):
 # --- DPM-Solver-3: no counterpart -------------------------------------------------------------------
 
 
-def dpm_solver_3_diffusers_stage(eps, x, s, s_next, history):
+def dpm_solver_3_diffusers_stage(x, s, s_next, history):
     """Our DPM-Solver-3 with its second stage as diffusers' singlestep order 3 computes it.
 
     Lu et al.'s Algorithm 2 (ours) predicts u₂ at σ₂ = σ e^{-2h/3} with the φ₂ correction
@@ -289,13 +290,13 @@ def dpm_solver_3_diffusers_stage(eps, x, s, s_next, history):
     σ₂ by its own order-2 (midpoint) update over [σ, σ₂], whose midpoint in λ is σ₁:
     ``u₂ = x̄ + (σ₂ - σ) ε(u₁, σ₁)``. The two agree to O(h³) only. Stages 1 and 3 are the same.
     """
+    e = history[-1].eps
     if s_next == 0:
-        return x + (s_next - s) * eps(x, s)
+        return x + (s_next - s) * e
     h = math.log(s / s_next)
-    s1, s2 = s * math.exp(-h / 3), s * math.exp(-2 * h / 3)
-    e = eps(x, s)
-    e1 = eps(x + (s1 - s) * e, s1)
-    e2 = eps(x + (s2 - s) * e1, s2)
+    s1, s2 = solvers.dpm_solver_3_stages(s, s_next, False)
+    e1 = yield x + (s1 - s) * e, s1
+    e2 = yield x + (s2 - s) * e1, s2
     return x + (s_next - s) * e - s_next * 1.5 * (math.expm1(h) / h - 1) * (e2 - e)
 
 
@@ -315,7 +316,7 @@ def test_dpm_solver_3_differs_from_singlestep_order_3_only_in_the_second_stage(s
     torch.testing.assert_close(levels[::3], sig, rtol=1e-13, atol=0)
     theirs = run_singlestep(ref, model, sched, x, sig)
     monkeypatch.setitem(solvers.METHODS, "dpm_solver_3_diffusers_stage",
-                        solvers.Method(dpm_solver_3_diffusers_stage, 3, 3))
+                        solvers.Method(dpm_solver_3_diffusers_stage, 3, solvers.dpm_solver_3_stages))
     variant = sample(model, x, sched, tau, method="dpm_solver_3_diffusers_stage")
     torch.testing.assert_close(variant, theirs, **ROUNDING)
     ours = sample(model, x, sched, tau, method="dpm_solver_3")
@@ -356,7 +357,7 @@ def test_dpmpp_3m_differs_from_diffusers_order_3_only_in_its_weights(setup, S, m
     tau = sched.timesteps(S, "trailing")
     theirs = dpm_multistep(sched, model, x, tau, 3)
     step = dpmpp_3m_variant(ddim_start=True, half_d2=True)
-    monkeypatch.setitem(solvers.METHODS, "dpmpp_3m_diffusers", solvers.Method(step, 3, 1, startup_nfe=0))
+    monkeypatch.setitem(solvers.METHODS, "dpmpp_3m_diffusers", solvers.Method(step, 3))
     torch.testing.assert_close(sample(model, x, sched, tau, method="dpmpp_3m_diffusers"), theirs, rtol=0, atol=1e-6)
     assert (sample(model, x, sched, tau, method="dpmpp_3m") - theirs).abs().max() > 1e-4
 

@@ -55,6 +55,8 @@ import warnings
 import pytest
 import torch
 
+from ddim_edu.model import EpsField
+
 from ddim_edu import solvers
 from ddim_edu.solvers import METHODS, integrate, sample
 
@@ -228,10 +230,10 @@ def test_dpm_solver_3_matches_dpm_fast_with_its_lowered_last_step(sched, ring, x
     theirs = kd.sample_dpm_fast(denoiser(model_k, sched), x_bar, lo, hi, n, disable=True)
     assert len(model_k.calls) == n
     sig = (-torch.linspace(-math.log(hi), -math.log(lo), S)).exp()  # its grid: uniform in λ = -log σ
-    ours = integrate(ring.eps_model(sched), x_bar, sched, sig[:-1], "dpm_solver_3")
-    ours = integrate(ring.eps_model(sched), ours, sched, sig[-2:], {1: "euler", 2: "dpm_solver_2"}[last_order])
+    ours = integrate(EpsField(ring.eps_model(sched), sched), x_bar, sig[:-1], "dpm_solver_3")
+    ours = integrate(EpsField(ring.eps_model(sched), sched), ours, sig[-2:], {1: "euler", 2: "dpm_solver_2"}[last_order])
     torch.testing.assert_close(ours, theirs, **ROUNDING)
-    assert (integrate(ring.eps_model(sched), x_bar, sched, sig, "dpm_solver_3") - theirs).abs().max() > 1e-6
+    assert (integrate(EpsField(ring.eps_model(sched), sched), x_bar, sig, "dpm_solver_3") - theirs).abs().max() > 1e-6
     # Its levels are those of our "logsnr" spacing.
     torch.testing.assert_close(sched.sigma(sched.timesteps(S, "logsnr")).flip(0), sig, rtol=1e-12, atol=0)
 
@@ -254,8 +256,8 @@ def test_dpmpp_3m_differs_from_k_diffusion_only_in_start_up_and_d2_weight(sched,
     for ddim_start in (False, True):
         for half_d2 in (False, True):
             name = f"dpmpp_3m_variant_{ddim_start}_{half_d2}"
-            monkeypatch.setitem(METHODS, name, solvers.Method(dpmpp_3m_variant(ddim_start, half_d2), 3, 1,
-                                                              startup_nfe=0 if ddim_start else 1))
+            monkeypatch.setitem(METHODS, name, solvers.Method(dpmpp_3m_variant(ddim_start, half_d2), 3,
+                                                              solvers.no_stages if ddim_start else solvers.dpmpp_3m_stages))
             model_ours = Counted(ring.eps_model(sched))
             variant = sample(model_ours, x_T, sched, tau, method=name)
             assert len(model_ours.calls) == METHODS[name].nfe(S)

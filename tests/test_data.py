@@ -361,6 +361,15 @@ def test_offline_images_shape_range_determinism():
         load_offline_images(n=0)
 
 
+def test_missing_photo_says_how_to_rebuild_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "package_file", lambda name: tmp_path / name)
+    with pytest.raises(FileNotFoundError) as err:
+        load_offline_photo()
+    message = str(err.value)
+    assert str(tmp_path / data.OFFLINE_PHOTO_FILE) in message
+    assert f"make_offline_photo('toy_data/{data.OFFLINE_PHOTO_FILE}')" in message
+
+
 def test_frozen_photo_matches_its_source():
     """The frozen file is matplotlib's bundled sample photo halved (up to JPEG decoder differences)."""
     pytest.importorskip("PIL")

@@ -191,13 +191,14 @@ def test_makefile_repeats_the_torch_pin_when_installing_the_package():
 # --- the built package --------------------------------------------------------------------------
 
 
-def test_package_discovery_finds_only_ddim_edu():
-    setuptools = pytest.importorskip("setuptools")
-    find = _pyproject()["tool"]["setuptools"]["packages"]["find"]
-    found = setuptools.find_namespace_packages(where=str(ROOT), include=find.get("include", ["*"]), exclude=find.get("exclude", ()))
-    assert "ddim_edu" in found
-    stray = [p for p in found if p != "ddim_edu" and not p.startswith("ddim_edu.")]
-    assert not stray, f"pyproject.toml would package more than ddim_edu: {stray}"
+def test_packages_are_ddim_edu_and_its_data():
+    """pyproject.toml lists the packages (a mapped data folder is invisible to packages.find): exactly the
+    folders of ddim_edu/ that are packages, and ddim_edu.toy_data mapped onto the top-level toy_data/."""
+    setuptools = _pyproject()["tool"]["setuptools"]
+    on_disk = {"ddim_edu." + ".".join(p.parent.relative_to(ROOT / "ddim_edu").parts) if p.parent != ROOT / "ddim_edu"
+               else "ddim_edu" for p in (ROOT / "ddim_edu").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == on_disk | {"ddim_edu.toy_data"}
+    assert setuptools["package-dir"] == {"ddim_edu.toy_data": "toy_data"}
 
 
 def test_installed_metadata_version_matches_the_source():

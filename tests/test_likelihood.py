@@ -14,7 +14,7 @@ from ddim_edu.likelihood import (
     log_likelihood,
 )
 from ddim_edu.mixture import GaussianMixture
-from ddim_edu.ode import eps_at_sigma
+from ddim_edu.model import eps_at_sigma
 from ddim_edu.sde import standard_normal_logp
 
 

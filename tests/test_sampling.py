@@ -138,8 +138,12 @@ def test_bad_input_names_the_parameter(sched):
         sample(model, x, sched, tau, eta=-0.5)
     with pytest.raises(ValueError, match="more than T"):
         sample(model, x, sched, list(range(1001)))
-    with pytest.raises(ValueError, match="strictly increasing"):
-        sample(model, x, sched, [900, 500, 100])
+    with pytest.raises(ValueError, match="strictly monotone"):
+        sample(model, x, sched, [100, 900, 500])
+    with pytest.raises(ValueError, match="strictly monotone"):
+        sample(model, x, sched, [100, 500, 500])
+    # τ in sampling order (diffusers' scheduler.timesteps) is the same set
+    assert torch.equal(sample(model, x, sched, [900, 500, 100]), sample(model, x, sched, [100, 500, 900]))
     with pytest.raises(ValueError, match=r"\[0, T-1\]"):
         sample(model, x, sched, [0, 500, 1000])
     with pytest.raises(ValueError, match="method"):
@@ -166,6 +170,27 @@ def test_bad_model_output_is_caught(sched):
         sample(nan_late, x, sched, tau)
     with pytest.raises(FloatingPointError, match="NaN"):
         sample(nan_late, x, sched, tau, method="sigma_hat")
-    with pytest.raises(FloatingPointError, match="x_0 has NaN.*check_finite=True"):
-        sample(nan_late, x, sched, tau, check_finite=False)
-    assert torch.isfinite(sample(lambda x, t: 0.1 * x, x, sched, tau, check_finite=False)).all()
+    with pytest.raises(FloatingPointError, match="NaN.*timestep 200"):  # the checked re-run draws the same noise
+        sample(nan_late, x, sched, tau, eta=0.5, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(FloatingPointError, match="x_T has NaN or inf"):  # finite ε, NaN in x_T
+        sample(lambda x, t: torch.nan_to_num(0.1 * x), torch.full_like(x, torch.nan), sched, tau)
+
+
+def test_steps_check_no_values_on_the_way(sched):
+    """A finite run makes no host synchronisation per step: the model is called once per timestep and
+    ε is checked only when the result is not finite (then once more per timestep, to name the culprit)."""
+    calls = []
+
+    def model(x, t):
+        calls.append(float(t[0]))
+        return torch.where(t[:, None] < 300, torch.nan, 0.1 * x) if poisoned else 0.1 * x
+
+    tau = sched.timesteps(10)
+    poisoned = False
+    sample(model, x_T(4), sched, tau)
+    assert len(calls) == 10
+    poisoned, calls[:] = True, []
+    with pytest.raises(FloatingPointError, match="timestep 200"):
+        sample(model, x_T(4), sched, tau)
+    assert calls == [900.0, 800.0, 700.0, 600.0, 500.0, 400.0, 300.0, 200.0, 100.0, 0.0] + [900.0, 800.0, 700.0, 600.0,
+                                                                                         500.0, 400.0, 300.0, 200.0]

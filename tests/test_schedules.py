@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,38 +46,131 @@ def test_sigma_and_its_inverse(sched):
     assert sched.t_from_sigma(0.0).item() == -1.0
 
 
+# The reference formulas, written with numpy as their sources write them.
+
+def reference_uniform(T, S):
+    """The paper's reference code (ermongroup/ddim, runners/diffusion.py), skip_type "uniform"."""
+    skip = T // S
+    seq = range(0, T, skip)
+    return list(seq)
+
+
+def reference_quad(T, S):
+    """The paper's reference code, skip_type "quad" (repeats kept)."""
+    seq = np.linspace(0, np.sqrt(T * 0.8), S) ** 2
+    seq = [int(s) for s in list(seq)]
+    return seq
+
+
+def diffusers_leading(T, S, steps_offset=0):
+    """diffusers' DDIMScheduler.set_timesteps, timestep_spacing "leading" (decreasing)."""
+    step_ratio = T // S
+    timesteps = (np.arange(0, S) * step_ratio).round()[::-1].copy().astype(np.int64)
+    timesteps += steps_offset
+    return timesteps
+
+
+def diffusers_trailing(T, S):
+    """diffusers' DDIMScheduler.set_timesteps, timestep_spacing "trailing" (decreasing)."""
+    step_ratio = T / S
+    timesteps = np.round(np.arange(T, 0, -step_ratio)).astype(np.int64)
+    timesteps -= 1
+    return timesteps
+
+
+def every_S(T):
+    """Every S from 1 to T, or for large T the first 300, a dense sample and the last 300."""
+    if T <= 2000:
+        return range(1, T + 1)
+    return sorted({*range(1, 301), *range(301, T - 300, 7), *range(T - 300, T + 1)})
+
+
+@pytest.mark.parametrize("T", [1000, 2, 3, 7, 64, 999, 1001, 1024, 4000])
+def test_integer_spacings_match_their_reference_formulas(T):
+    sched = linear_schedule(T=T)
+    overshoots = 0
+    for S in every_S(T):
+        uniform = sched.timesteps(S, "uniform")
+        assert uniform.tolist() == reference_uniform(T, S), (T, S)
+        leading = sched.timesteps(S, "leading")
+        assert leading.tolist() == diffusers_leading(T, S)[::-1].tolist(), (T, S)
+        # quad: the reference's set of values; a repeat is a step from a timestep to itself (the identity).
+        quad = sched.timesteps(S, "quad")
+        assert quad.tolist() == sorted(set(reference_quad(T, S))), (T, S)
+        trailing = sched.timesteps(S, "trailing")
+        ref = diffusers_trailing(T, S)
+        if len(ref) == S + 1:  # numpy's arange overshoots by one entry near 0, which diffusers returns as -1
+            assert ref[-1] == -1, (T, S)
+            ref = ref[:-1]
+            overshoots += 1
+        assert trailing.tolist() == ref[::-1].tolist(), (T, S)
+        for tau in (uniform, leading, quad, trailing):
+            assert tau.dtype == torch.float64
+            sched.check_timesteps(tau)  # strictly increasing, in [0, T-1]
+        assert len(uniform) == math.ceil(T / (T // S)) >= S
+        assert len(leading) == len(trailing) == S
+        assert len(quad) <= S
+        assert trailing[-1] == T - 1
+    if T == 1000:
+        assert overshoots > 0  # the dropped -1 is not hypothetical (S = 61, for one)
+
+
 def test_spacings(sched):
     assert sched.timesteps(10, "uniform").tolist() == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]
     assert sched.timesteps(10, "trailing").tolist() == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
     # Reference code: int((linspace(0, sqrt(0.8 T), S))²).
     quad = [int(v**2) for v in torch.linspace(0, math.sqrt(800), 10, dtype=torch.float64).tolist()]
     assert sched.timesteps(10, "quad").tolist() == quad
-    for spacing in ("uniform", "quad", "trailing"):
+    for spacing in ("uniform", "leading", "quad", "trailing"):
         for S in (1, 7, 50, 100, 1000):
             tau = sched.timesteps(S, spacing)
             sched.check_timesteps(tau)  # strictly increasing, in range
-            assert len(tau) <= S
-            if spacing != "quad":
+            if spacing in ("leading", "trailing"):
                 assert len(tau) == S
+            if spacing == "quad":
+                assert len(tau) <= S
+    # The default stays "uniform", and on divisors of T it is the exact-S grid (i-1)·T/S.
+    for S in (10, 20, 50, 100, 1000):
+        expected = [i * (1000 // S) for i in range(S)]
+        assert sched.timesteps(S).tolist() == sched.timesteps(S, "uniform").tolist() == expected
+        assert sched.timesteps(S, "leading").tolist() == expected
     assert sched.timesteps(1000, "uniform").tolist() == list(range(1000))
+    # Where S does not divide T, "uniform" is range(0, T, T // S) and "leading" keeps exactly S points.
+    assert sched.timesteps(3, "uniform").tolist() == [0, 333, 666, 999]
+    assert sched.timesteps(3, "leading").tolist() == [0, 333, 666]
+    assert sched.timesteps(7, "uniform").tolist() == [0, 142, 284, 426, 568, 710, 852, 994]
+    assert len(sched.timesteps(600, "uniform")) == 1000  # ⌊T/S⌋ = 1: every timestep
+    assert sched.timesteps(600, "leading").tolist() == list(range(600))
+    # quad is int() of numpy's float64 linspace squared: 287 and 511 here, where a float rounding
+    # of the linspace puts the square just below an integer.
+    quad16 = sched.timesteps(16, "quad").tolist()
+    assert 287 in quad16 and 511 in quad16 and 288 not in quad16 and 512 not in quad16
+    assert quad16 == reference_quad(1000, 16)
+    # Large S: int() repeats small indices; the repeats are dropped, the values are the reference's.
+    assert len(sched.timesteps(1000, "quad")) == len(set(reference_quad(1000, 1000))) < 1000
+    # trailing keeps exactly S points where diffusers' numpy arange overshoots to -1.
+    assert sched.timesteps(61, "trailing").tolist() == diffusers_trailing(1000, 61)[:-1][::-1].tolist()
 
 
 def test_spacings_match_diffusers():
     diffusers = pytest.importorskip("diffusers", reason="diffusers (the 'compare' extra) is not installed")
     sched = linear_schedule()
     for spacing in ("leading", "trailing"):
-        for S in (10, 50, 100):
+        for S in (3, 7, 10, 16, 50, 61, 100, 333, 999, 1000):
             ref = diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
             ref.set_timesteps(S)
-            ours = sched.timesteps(S, "uniform" if spacing == "leading" else "trailing")
-            assert ours.long().flip(0).tolist() == ref.timesteps.tolist()
+            theirs = [t for t in ref.timesteps.tolist() if t >= 0]  # trailing, S = 61: diffusers ends at -1
+            ours = sched.timesteps(S, spacing)
+            assert ours.long().flip(0).tolist() == theirs
+            if S in (10, 50, 100, 1000):
+                assert sched.timesteps(S, "uniform").tolist() == sched.timesteps(S, "leading").tolist()
 
 
 @pytest.mark.parametrize(
     "tau, match",
     [
-        ([5, 3, 10], "strictly increasing"),
-        ([0, 0, 1], "strictly increasing"),
+        ([5, 3, 10], "strictly monotone"),
+        ([0, 0, 1], "strictly monotone"),
         ([-1, 10], r"\[0, T-1\]"),
         ([10, 1000], r"\[0, T-1\]"),
         ([0.0, float("nan")], r"\[0, T-1\]"),

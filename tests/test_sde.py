@@ -1,5 +1,6 @@
 """The VP-SDE of the schedule: β(t), marginals (Eq 4), the probability-flow ODE as Eq 14, and the λ-family of samplers."""
 import math
+import sys
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from ddim_edu.evaluation.metrics import energy_distance
 from ddim_edu.mixture import GaussianMixture
 from ddim_edu.ode import probability_flow
 from ddim_edu.schedules import cosine_schedule, linear_schedule
-from ddim_edu.sde import VPSDE, sample_sde, sde_steps
+from ddim_edu.sde import TORCHSDE_METHODS, VPSDE, euler_maruyama_coefficients, sample_sde, sample_torchsde, sde_steps
 from ddim_edu.solvers import sample
 
 MU = torch.tensor([0.5, -1.0], dtype=torch.float64)
@@ -240,7 +241,7 @@ def test_trajectory_and_dtype(sched, ring):
         ({"lam": float("nan")}, "lam"),
         ({"lam": True}, "lam"),
         ({"method": "milstein"}, "method"),
-        ({"timesteps": [10, 5]}, "increasing"),
+        ({"timesteps": [10, 5, 20]}, "monotone"),
         ({"timesteps": [0, 1000]}, "timesteps"),
     ],
 )
@@ -259,3 +260,227 @@ def test_bad_times(sched, vp, ring):
         vp.score(ring.eps_model(sched), randn(2, 2), -0.5)
     with pytest.raises(ValueError, match="x_T"):
         sample_sde(ring.eps_model(sched), torch.zeros(3), sched, [0, 10])
+
+
+# --- the torchsde route ------------------------------------------------------------------------
+
+MU3 = torch.tensor([0.5, -1.0, 0.2], dtype=torch.float64)
+STD3 = 0.5
+
+
+@pytest.fixture
+def torchsde():
+    return pytest.importorskip("torchsde")
+
+
+def gaussian3():
+    return GaussianMixture(MU3[None], torch.tensor([STD3]))
+
+
+def exact_x_T3(sched, n, seed=0, t=None):
+    """x at timestep t (default T-1) from the exact marginal of the 3-D Gaussian data."""
+    alpha = sched.alpha_bar(float(sched.T - 1 if t is None else t))
+    return alpha.sqrt() * MU3 + (alpha * STD3**2 + 1 - alpha).sqrt() * randn(n, 3, seed=seed)
+
+
+def tree(torchsde, sched, tau, n, d, seed):
+    """A Brownian tree on [log ᾱ(τ_S), 0], built here so that the test can read its increments."""
+    return torchsde.BrownianInterval(t0=sched.log_alpha_bar(tau[-1]).item() - 1e-6, t1=0.0, size=(n, d), dtype=torch.float64,
+                                     entropy=seed, tol=1e-8, halfway_tree=True, levy_area_approximation="space-time")
+
+
+def counting(model):
+    def counted(x, t):
+        counted.calls += 1
+        return model(x, t)
+
+    counted.calls = 0
+    return counted
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.7])
+def test_torchsde_euler_is_our_euler_maruyama_step_by_step(sched, torchsde, lam):
+    """method="euler": every step is sde_steps' x ← a x + b ε + c z, with c z = λ ΔW from the Brownian motion
+    (ΔW over Δs = log ᾱ(τ_{i-1}) - log ᾱ(τ_i)); as many model evaluations as sde_steps (S)."""
+    model = counting(gaussian3().eps_model(sched))
+    tau = sched.timesteps(20, "trailing")
+    x_T = exact_x_T3(sched, 64, seed=20)
+    bm = tree(torchsde, sched, tau, 64, 3, seed=21)
+    traj = sample_torchsde(model, x_T, sched, tau, lam=lam, bm=bm, return_trajectory=True)
+    assert traj.shape == (21, 64, 3) and model.calls == 20
+    a, b, c, _ = euler_maruyama_coefficients(sched, tau, lam)
+    u = [0.0, *sched.log_alpha_bar(tau).tolist()]  # log ᾱ(τ_i), τ_0 := -1
+    x = x_T
+    for i in range(len(tau) - 1, -1, -1):
+        eps = model(x, torch.full((64,), tau[i].item(), dtype=torch.float64))
+        x = a[i] * x + b[i] * eps + lam * bm(u[i + 1], u[i])
+        torch.testing.assert_close(traj[len(tau) - i], x, rtol=1e-12, atol=1e-12)
+    if lam == 0:  # the probability-flow ODE: sample_sde's Euler steps, whatever the noise
+        torch.testing.assert_close(traj[-1], sample_sde(model, x_T, sched, tau, lam=0.0), rtol=1e-12, atol=1e-12)
+        other = sample_torchsde(model, x_T, sched, tau, lam=0.0, generator=torch.Generator().manual_seed(22))
+        assert torch.equal(other, traj[-1])
+
+
+def test_torchsde_object_is_the_reverse_family_in_log_alpha_bar(sched, vp, torchsde):
+    """VPSDE.torchsde: in u = log ᾱ(t), du = -β dt, so f = -drift/β(t) and g = diffusion/sqrt(β(t)) = λ, at
+    times between integers; torchsde.sdeint takes the object as it is (here "srk" on the grid's times)."""
+    gm = gaussian3()
+    model = gm.eps_model(sched)
+    sde = vp.torchsde(model, 0.6)
+    assert (sde.sde_type, sde.noise_type) == ("ito", "diagonal")
+    x = randn(16, 3, seed=23)
+    for t in [0.4, 57.25, 480.5, 998.9]:
+        u = sched.log_alpha_bar(t)
+        drift, diffusion = vp.reverse_family(model, 0.6)(x, t)
+        torch.testing.assert_close(sde.f(u, x), -drift / vp.beta(t), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(sde.g(u, x), (diffusion / vp.beta(t).sqrt()).expand_as(x), rtol=1e-12, atol=0)
+    tau = sched.timesteps(5, "trailing")
+    ts = sde.times(tau)
+    assert bool((ts[1:] > ts[:-1]).all()) and ts[0] == sched.log_alpha_bar(tau[-1])
+    ys = torchsde.sdeint(sde, exact_x_T3(sched, 16, seed=24), ts, bm=tree(torchsde, sched, tau, 16, 3, seed=25), method="srk", dt=0.5)
+    assert ys.shape == (5, 16, 3) and bool(torch.isfinite(ys).all())
+
+
+def paired_z(a, b):
+    """(mean, variance) differences of paired samples a_i, b_i per coordinate, in standard errors of the pairs."""
+    n = a.shape[0]
+    d = a - b
+    q = (a - a.mean(0)) ** 2 - (b - b.mean(0)) ** 2
+    return d.mean(0) / (d.std(0) / n**0.5), q.mean(0) / (q.std(0) / n**0.5)
+
+
+def exact_z(x):
+    """(mean - μ, variance - s²) per coordinate in standard errors of the sample (computed, not assumed Gaussian)."""
+    n = x.shape[0]
+    c = (x - x.mean(0)) ** 2
+    return (x.mean(0) - MU3) / (x.std(0) / n**0.5), (x.var(0) - STD3**2) / (c.std(0) / n**0.5)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_torchsde_agrees_in_distribution(sched, torchsde, lam):
+    """On N(μ, s²I) data in 3-D with its exact ε and x_T from the exact marginal, n = 4000 from one x_T:
+    (a) torchsde's Euler and sample_sde on the same coarse grid (S = 20) agree in mean and variance within
+    4 standard errors of the paired differences, although both variances are visibly off s² there;
+    (b) torchsde's "srk" on that grid matches the data law, mean and variance within 4 standard errors.
+    """
+    model = gaussian3().eps_model(sched)
+    tau = sched.timesteps(20, "trailing")
+    x_T = exact_x_T3(sched, 4000, seed=26)
+    ours = sample_sde(model, x_T, sched, tau, lam=lam, generator=torch.Generator().manual_seed(27))
+    theirs = sample_torchsde(model, x_T, sched, tau, lam=lam, method="euler", generator=torch.Generator().manual_seed(28))
+    for z in paired_z(theirs, ours):
+        assert z.abs().max() < 4, z
+    for x in (ours, theirs):  # the grid is coarse enough for Euler–Maruyama's bias to show
+        assert exact_z(x)[1].min() > 4
+    srk = sample_torchsde(model, x_T, sched, tau, lam=lam, method="srk", generator=torch.Generator().manual_seed(29))
+    for z in exact_z(srk):
+        assert z.abs().max() < 4, z
+
+
+def test_torchsde_lambda_zero_is_the_probability_flow_ode(sched, torchsde):
+    """λ = 0: deterministic (no noise enters, whatever the seed), and with "srk" (a Runge–Kutta method when
+    g = 0) within 1e-3 of the exact flow on 20 steps, where Euler (= sample_sde) is 100× further off."""
+    model = gaussian3().eps_model(sched)
+    tau = sched.timesteps(20, "logsnr")
+    x_T = exact_x_T3(sched, 256, seed=30)
+    alpha_T = sched.alpha_bar(float(sched.T - 1))
+    x0_exact = MU3 + STD3 * (x_T - alpha_T.sqrt() * MU3) / (alpha_T * STD3**2 + 1 - alpha_T).sqrt()
+    a = sample_torchsde(model, x_T, sched, tau, lam=0.0, method="srk", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, sample_torchsde(model, x_T, sched, tau, lam=0.0, method="srk", generator=torch.Generator().manual_seed(2)))
+    err = (a - x0_exact).abs().max().item()
+    err_euler = (sample_sde(model, x_T, sched, tau, lam=0.0) - x0_exact).abs().max().item()
+    assert err < 1e-3 and err < err_euler / 100, (err, err_euler)
+
+
+# The last stretch, t = 300 → data (log ᾱ from -0.93 to 0), where the drift is stiffest: short in u, so cheap to refine.
+LOW = [0, 100, 200, 300]
+
+
+def test_torchsde_seed_fixes_the_brownian_path_at_any_resolution(sched, torchsde):
+    """The same generator seed gives the same sample, another seed another one; and since the default noise is
+    a Brownian tree, the seed fixes the path itself: refining dt on one seed converges to one x_0
+    (Euler at dt = 0.1, 0.02 against "srk" at 0.02), which a fresh path per resolution would not."""
+    model = gaussian3().eps_model(sched)
+    x_T = exact_x_T3(sched, 64, seed=31, t=LOW[-1])
+
+    def run(seed, **kwargs):
+        return sample_torchsde(model, x_T, sched, LOW, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+    a = run(32)
+    assert torch.equal(a, run(32)) and (a - run(33)).abs().max() > 0.5
+    ref = run(32, method="srk", dt=0.02)
+    errs = [(x - ref).abs().max().item() for x in (a, run(32, dt=0.1), run(32, dt=0.02))]
+    assert errs[0] > 2 * errs[1] > 4 * errs[2] and errs[2] < 0.05, errs
+
+
+def run_low(sched, method, model=None):
+    """16 samples of the 3-D Gaussian from t = 300 at dt = 0.02: 48 steps (26, 16 and 6 over LOW's intervals)."""
+    x_T = exact_x_T3(sched, 16, seed=34, t=LOW[-1])
+    model = model or gaussian3().eps_model(sched)
+    return sample_torchsde(model, x_T, sched, LOW, method=method, dt=0.02, generator=torch.Generator().manual_seed(35))
+
+
+@pytest.fixture(scope="module")
+def srk_low(sched):
+    pytest.importorskip("torchsde")
+    return run_low(sched, "srk")
+
+
+EVALS_PER_STEP = {"euler": 1, "milstein": 1, "srk": 4, "midpoint": 2, "heun": 2, "euler_heun": 1, "reversible_heun": 1}
+
+
+@pytest.mark.parametrize("method", sorted(TORCHSDE_METHODS))
+def test_torchsde_methods(sched, torchsde, srk_low, method):
+    """Every listed method runs on the family (Itô or Stratonovich: the same SDE, since the noise is additive)
+    and lands near "srk" on the same Brownian path; model evaluations are as TORCHSDE_METHODS says (f's memo
+    absorbs torchsde's repeats), plus one for the last step. With g independent of x, Milstein and Euler–Heun
+    are Euler."""
+    model = counting(gaussian3().eps_model(sched))
+    x = run_low(sched, method, model)
+    assert (x - srk_low).abs().max() < 0.05
+    # reversible Heun starts each interval with torchsde's shape check, an evaluation at y its steps do not reuse
+    assert model.calls == EVALS_PER_STEP[method] * 48 + 1 + (3 if method == "reversible_heun" else 0)
+    if method in ("milstein", "euler_heun"):
+        torch.testing.assert_close(x, run_low(sched, "euler"), rtol=1e-12, atol=1e-12)
+
+
+def test_torchsde_trajectory_dtype_and_image_shape(sched, torchsde):
+    """x_T of any shape [B, …] (torchsde's state is [B, d]: reshaped for the model) and float32 stay as given."""
+    seen = []
+
+    def model(x, t):
+        seen.append((x.shape, t.dtype))
+        return 0.1 * x
+
+    x_T = randn(4, 1, 2, 3, seed=36).float()
+    traj = sample_torchsde(model, x_T, sched, [0, 10, 20], method="srk", return_trajectory=True, generator=torch.Generator().manual_seed(0))
+    assert traj.shape == (4, 4, 1, 2, 3) and traj.dtype == torch.float32 and bool(torch.isfinite(traj).all())
+    assert torch.equal(traj[0], x_T) and set(seen) == {((4, 1, 2, 3), torch.float32)}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lam": -0.1}, "lam"),
+        ({"lam": float("nan")}, "lam"),
+        ({"method": "euler_maruyama"}, "method"),
+        ({"method": "log_ode"}, "method"),
+        ({"dt": 0.0}, "dt"),
+        ({"dt": float("inf")}, "dt"),
+        ({"dt": True}, "dt"),
+    ],
+)
+def test_torchsde_bad_input(sched, ring, kwargs, match):
+    args = {"timesteps": [0, 10, 20], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        sample_torchsde(ring.eps_model(sched), randn(2, 2), sched, **args)
+    with pytest.raises(ValueError, match="sde_type"):
+        VPSDE(sched).torchsde(ring.eps_model(sched), sde_type="stratonovic")
+    with pytest.raises(ValueError, match="lam"):
+        VPSDE(sched).torchsde(ring.eps_model(sched), lam=-1.0)
+
+
+def test_torchsde_missing_says_what_to_install(sched, ring, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchsde", None)
+    with pytest.raises(ImportError, match="pip install torchsde"):
+        sample_torchsde(ring.eps_model(sched), randn(2, 2), sched, [0, 10, 20])

@@ -7,6 +7,7 @@ import torch
 
 from ddim_edu.interpolation import slerp
 from ddim_edu.mixture import GaussianMixture
+from ddim_edu.model import EpsField
 from ddim_edu.solvers import ADAPTIVE, METHODS, encode, integrate, sample, solve_adaptive
 
 
@@ -60,7 +61,7 @@ def test_measured_convergence_order(sched, ring, reference, method):
     errors = []
     for S in steps:
         sigmas = sched.sigma(sched.timesteps(S, "karras")).flip(0)
-        errors.append((integrate(model, x_bar, sched, sigmas, method) - ref).pow(2).mean().sqrt().item())
+        errors.append((integrate(EpsField(model, sched), x_bar, sigmas, method) - ref).pow(2).mean().sqrt().item())
     slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
     assert abs(slope - METHODS[method].order) < 0.3, (method, slope, errors)
 
@@ -80,7 +81,7 @@ def test_extrapolated_final_step_is_fourth_order_in_sigma(sched):
     for s_2 in levels:
         x_bar = mu + (x0 - mu) * torch.sqrt(s**2 + s_2**2) / s
         for final_step, errs in errors.items():
-            out = integrate(model, x_bar, sched, [s_2, s_2 / 2, 0.0], "rk4", final_step=final_step)
+            out = integrate(EpsField(model, sched), x_bar, [s_2, s_2 / 2, 0.0], "rk4", final_step=final_step)
             errs.append((out - x0).pow(2).mean().sqrt().item())
     slopes = {k: np.polyfit(np.log(levels), np.log(v), 1)[0] for k, v in errors.items()}
     assert abs(slopes["euler"] - 2) < 0.3 and abs(slopes["extrapolate"] - 4) < 0.3, (slopes, errors)
@@ -168,14 +169,18 @@ def test_slerp_limits():
 def test_bad_input(sched, ring):
     model = ring.eps_model(sched)
     tau = sched.timesteps(10, "karras")
-    with pytest.raises(ValueError, match=r"method must be one of \[.*'dpmpp_2m'.*\]"):
+    with pytest.raises(ValueError, match=r"unknown method 'dpmpp_4m'. Valid methods are .*ODE methods \(Eq 14\): .*dpmpp_2m"):
         sample(model, x_T(4), sched, tau, method="dpmpp_4m")
-    with pytest.raises(ValueError, match="at least 2"):
-        sample(model, x_T(4), sched, [999.0], method="dpmpp_2m")
-    with pytest.raises(ValueError, match="rtol and atol"):
+    with pytest.raises(ValueError, match="needs at least 2 timesteps"):
+        sample(model, x_T(4), sched, [999.0], method="dpmpp_2m", final_step="extrapolate")
+    with pytest.raises(ValueError, match="rtol must be a finite number > 0"):
         sample(model, x_T(4), sched, tau, method="dopri5", rtol=0.0)
-    with pytest.raises(ValueError, match="eta applies"):
+    with pytest.raises(ValueError, match="eta applies to the methods ddim; method 'heun' does not take it"):
         sample(model, x_T(4), sched, tau, method="heun", eta=0.5)
+    with pytest.raises(ValueError, match="clip_x0 applies to the methods ddim, sigma_hat; method 'heun'"):
+        sample(model, x_T(4), sched, tau, method="heun", clip_x0=1.0)
+    with pytest.raises(ValueError, match="rtol applies to the methods dopri5"):
+        sample(model, x_T(4), sched, tau, method="euler", rtol=1e-3)
     nan_mid = lambda x, t: torch.where(t[:, None] < 300, torch.nan, model(x, t))
     for method in ("heun", "dpm_solver_3", ADAPTIVE[0]):
         with pytest.raises(FloatingPointError, match="NaN"):
@@ -197,16 +202,16 @@ def test_every_method_runs_in_float32(sched, ring):
 def test_dpmpp_3m_is_exact_when_the_x0_prediction_is_quadratic_in_lambda():
     """If D = x̄ - σ ε is a quadratic c(λ) (λ = -log σ), Eq 14 is dx̄/dλ = c(λ) - x̄, and one 3M step
     with exact history is exact: x̄(λ+h) = e^{-h} x̄ + ∫₀ʰ e^{-(h-τ)} c(λ+τ) dτ."""
-    from ddim_edu.solvers import dpmpp_3m_step
+    from ddim_edu.solvers import Evaluation, answer, dpmpp_3m_step
 
     c0, c1, c2 = 0.3, -0.7, 0.25
     c = lambda lam: c0 + c1 * lam + c2 * lam**2  # noqa: E731
     eps = lambda x, s: (x - c(-math.log(s))) / s  # noqa: E731
     sig = [2.0, 1.1, 0.5, 0.2]  # σ_{i-2}, σ_{i-1}, σ_i, σ_{i+1}: uneven steps in λ
-    xs = [torch.tensor([[1.3]], dtype=torch.float64), torch.tensor([[0.4]], dtype=torch.float64)]
-    history = [(s, x, eps(x, s)) for s, x in zip(sig[:2], xs)]
-    x = torch.tensor([[-0.6]], dtype=torch.float64)
-    out = dpmpp_3m_step(eps, x, sig[2], sig[3], history)
+    xs = [torch.tensor([[v]], dtype=torch.float64) for v in (1.3, 0.4, -0.6)]
+    history = [Evaluation(s, x, eps(x, s)) for s, x in zip(sig[:3], xs)]
+    x = xs[-1]
+    out = answer(dpmpp_3m_step(x, sig[2], sig[3], history), eps)
     lam, h = -math.log(sig[2]), math.log(sig[2] / sig[3])
     # ∫₀ʰ e^{-(h-τ)} τ^k dτ for k = 0, 1, 2, and c(λ+τ) = c(λ) + c'(λ) τ + c2 τ².
     i0, i1, i2 = -math.expm1(-h), h + math.expm1(-h), h * h - 2 * h - 2 * math.expm1(-h)
@@ -220,9 +225,9 @@ def test_final_step_bad_input(sched, ring):
         sample(model, x_T(4), sched, sched.timesteps(5, "trailing"), "heun", final_step="midpoint")
     with pytest.raises(ValueError, match="final_step='extrapolate' needs"):
         sample(model, x_T(4), sched, torch.tensor([999.0]), "heun", final_step="extrapolate")
-    with pytest.raises(ValueError, match="final_step applies to the ODE methods"):
+    with pytest.raises(ValueError, match="final_step applies to the methods euler, .*; method 'ddim' does not take it"):
         sample(model, x_T(4), sched, sched.timesteps(5, "trailing"), "ddim", final_step="extrapolate")
-    with pytest.raises(ValueError, match="needs a fixed grid"):
+    with pytest.raises(ValueError, match="final_step applies to the methods euler, .*; method 'dopri5' does not take it"):
         sample(model, x_T(4), sched, sched.timesteps(5, "trailing"), "dopri5", final_step="extrapolate")
 
 
@@ -255,7 +260,7 @@ def test_sample_and_encode_build_no_graph(sched):
     for method in ("ddim", "euler", "unipc"):
         assert not sample(net, x_T(8), sched, tau, method).requires_grad
     assert not encode(net, x_T(8), sched, tau, "heun").requires_grad
-    assert integrate(net, x_T(8), sched, sched.sigma(tau).flip(0), "euler").requires_grad
+    assert integrate(EpsField(net, sched), x_T(8), sched.sigma(tau).flip(0), "euler").requires_grad
 
 
 def test_sigma_polynomial_weights_integrate_polynomials_exactly():

@@ -1,15 +1,19 @@
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from ddim_edu.toy import datasets as toy2d
 from ddim_edu.toy.datasets import DATASETS, load_frozen
+from ddim_edu.utils.package_data import package_file
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_make_script():
-    path = toy2d.TOY_DATA_DIR / "make_toy_data.py"
+    path = ROOT / "toy_data" / "make_toy_data.py"
     spec = importlib.util.spec_from_file_location("make_toy_data", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -102,18 +106,18 @@ def test_frozen_files_match_generators(name):
     expected = DATASETS[name](script.N, generator=torch.Generator().manual_seed(script.SEED))
     # the files hold 6 decimals: equal up to rounding
     torch.testing.assert_close(frozen, expected, atol=1e-5, rtol=0)
-    text = (toy2d.TOY_DATA_DIR / f"{name}.csv").read_text()
+    text = package_file(f"{name}.csv").read_text()
     assert text.startswith("x,y\n")
 
 
 def test_frozen_files_are_small():
-    total = sum((toy2d.TOY_DATA_DIR / f"{name}.csv").stat().st_size for name in DATASETS)
+    total = sum(len(package_file(f"{name}.csv").read_bytes()) for name in DATASETS)
     assert total < 300_000
 
 
 def test_load_frozen_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="name must be one of"):
         load_frozen("dino")
-    monkeypatch.setattr(toy2d, "TOY_DATA_DIR", tmp_path)
+    monkeypatch.setattr(toy2d, "package_file", lambda name: tmp_path / name)
     with pytest.raises(FileNotFoundError, match="make_toy_data.py"):
         load_frozen("spirals")

@@ -14,7 +14,8 @@ DDIM's image experiments (Section 5) train on CIFAR-10, 32×32 RGB, with pixels 
 
 Nothing here downloads. For work on a CPU, tests and CI, :func:`load_offline_images` cuts patches
 from a photo frozen in ``toy_data/grace_hopper_half.npz`` (made by :func:`make_offline_photo`
-from matplotlib's bundled sample ``grace_hopper.jpg``; see ``toy_data/README.md``).
+from matplotlib's bundled sample ``grace_hopper.jpg``; see ``toy_data/README.md``), which ships
+inside the package as data of ``ddim_edu.toy_data``.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..utils.package_data import package_file
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_PYTHON_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ENV = "DDIM_EDU_CIFAR10"
@@ -44,9 +47,8 @@ CIFAR10_FILES = {
 }
 RECORD_BYTES = 1 + 3 * 32 * 32  # one label byte, then the R, G and B planes
 
-#: Folder of the frozen data, ``<repository>/toy_data`` (not a python package).
-TOY_DATA_DIR = Path(__file__).resolve().parents[2] / "toy_data"
-OFFLINE_PHOTO = TOY_DATA_DIR / "grace_hopper_half.npz"
+#: The frozen photo's file name in the package data (``toy_data/`` in the repository).
+OFFLINE_PHOTO_FILE = "grace_hopper_half.npz"
 
 
 # --- pixels <-> model range ----------------------------------------------------------------------
@@ -354,16 +356,22 @@ def make_offline_photo(path=None) -> np.ndarray:
 
 
 def load_offline_photo() -> Tensor:
-    """The frozen photo ``toy_data/grace_hopper_half.npz`` as a uint8 tensor [3, 300, 256]."""
-    if not OFFLINE_PHOTO.is_file():
+    """The frozen photo ``toy_data/grace_hopper_half.npz`` as a uint8 tensor [3, 300, 256].
+
+    The file ships inside the package and is found with :func:`~ddim_edu.utils.package_data.package_file`.
+    """
+    path = package_file(OFFLINE_PHOTO_FILE)
+    if not path.is_file():
         raise FileNotFoundError(
-            f"{OFFLINE_PHOTO} is missing; rebuild it (from matplotlib's bundled sample photo, offline) with\n"
-            f"    python -c \"from ddim_edu.image.data import make_offline_photo, OFFLINE_PHOTO; make_offline_photo(OFFLINE_PHOTO)\""
+            f"{path} is missing; in a checkout of the repository rebuild it (from matplotlib's bundled sample photo, "
+            f"offline) from the repository root with\n"
+            f"    python -c \"from ddim_edu.image.data import make_offline_photo; make_offline_photo('toy_data/{OFFLINE_PHOTO_FILE}')\"\n"
+            "(a wheel ships the file: reinstall ddim-edu)"
         )
-    with np.load(OFFLINE_PHOTO, allow_pickle=False) as npz:
+    with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:
         photo = npz["photo"]
     if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[0] != 3:
-        raise ValueError(f"{OFFLINE_PHOTO} must hold a uint8 array [3, H, W] named 'photo', got {photo.shape} {photo.dtype}")
+        raise ValueError(f"{path} must hold a uint8 array [3, H, W] named 'photo', got {photo.shape} {photo.dtype}")
     return torch.from_numpy(photo)
 
 

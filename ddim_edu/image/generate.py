@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..schedules import SPACINGS, linear_schedule
-from ..solvers import ADAPTIVE, ADAPTIVE_ATOL, ADAPTIVE_RTOL, FINAL_STEPS, METHODS, SAMPLERS, noise_levels, sample
+from ..solvers import ADAPTIVE, ADAPTIVE_ATOL, ADAPTIVE_RTOL, METHODS, check_options, sample
 from ..utils.checks import check_int, resolve_device
 from ..utils.files import save_json_atomic, save_npz_atomic
 from ..utils.seeds import derive_seed
@@ -44,49 +44,10 @@ from .data import float_to_pixels
 from .grids import save_png, tile
 from .unet import UNet
 
-METHOD_GROUPS = {
-    "Eq 12 samplers": tuple(SAMPLERS),
-    "ODE methods (Eq 14)": tuple(METHODS),
-    "adaptive ODE solvers (torchdiffeq)": tuple(ADAPTIVE),
-}
-ALL_METHODS = tuple(name for names in METHOD_GROUPS.values() for name in names)
 FRACTIONAL_SPACINGS = ("linear", "karras", "logsnr")  # the spacings that take t_min
 MANIFEST_FORMAT = "ddim_edu.cli.sample/1"
 _INFO_KEYS = ("source", "torch", "device")  # recorded in the manifest, not compared on resume
 _STREAM_X_T, _STREAM_STEPS = 0, 1  # seed streams: per-image x_T, per-batch sampler noise
-
-
-# --- method names ---------------------------------------------------------------------------------
-
-
-def method_listing() -> str:
-    """The valid ``--method`` names, by family."""
-    return "; ".join(f"{group}: {', '.join(names)}" for group, names in METHOD_GROUPS.items())
-
-
-def check_method(method: str, eta: float, final_step: str = "euler", rtol: float | None = None,
-                 atol: float | None = None) -> None:
-    """Refuse unknown methods (listing the valid names), η with a method other than ``ddim``, a
-    ``final_step`` other than Euler's with a method that is not one of ``METHODS``, and tolerances
-    (``rtol``, ``atol``; None: the solver's default) that are not positive or not for an adaptive solver."""
-    if method not in ALL_METHODS:
-        raise ValueError(f"unknown method {method!r}. Valid methods are {method_listing()}")
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0 (0 is DDIM, 1 is DDPM), got {eta!r}")
-    if eta != 0 and method != "ddim":
-        raise ValueError(f"eta (Eq 16) applies to method 'ddim' only; method {method!r} got eta={eta!r}")
-    if final_step not in FINAL_STEPS:
-        raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
-    if final_step != "euler" and method not in METHODS:
-        raise ValueError(f"final step {final_step!r} applies to the ODE methods ({', '.join(METHODS)}), "
-                         f"not to method {method!r}")
-    for name, tol in (("rtol", rtol), ("atol", atol)):
-        if tol is None:
-            continue
-        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {tol!r}")
-        if method not in ADAPTIVE:
-            raise ValueError(f"{name} applies to the adaptive solvers ({', '.join(ADAPTIVE)}), not to method {method!r}")
 
 
 def tolerances(method: str, rtol: float | None, atol: float | None) -> dict:
@@ -240,12 +201,14 @@ def generate(
 ) -> Path:
     """Sample ``num_images`` images into ``out`` (resumable, see the module docstring); returns ``out/samples.npz``.
 
-    The sub-sequence is ``linear_schedule().timesteps(steps, spacing, t_min=t_min)``. With
+    The sub-sequence is ``linear_schedule().timesteps(steps, spacing, t_min=t_min)``; the manifest records
+    it. With ``spacing="uniform"`` (the paper's ``range(0, T, T // steps)``) it has more than ``steps``
+    entries when ``steps`` does not divide T = 1000; ``"leading"`` keeps exactly ``steps``. With
     ``keep_shards=False`` the shards are deleted once ``samples.npz`` is written; a later call with
     the same arguments then finds ``samples.npz`` and no shards and returns at once. ``rtol``,
     ``atol``: the tolerances of an adaptive solver (None: its defaults; recorded in the manifest).
     """
-    check_method(method, eta, final_step, rtol, atol)
+    check_options(method, eta=eta, final_step=final_step, rtol=rtol, atol=atol)
     tols = tolerances(method, rtol, atol)
     for name, value, minimum in (("steps", steps, 1), ("num_images", num_images, 1), ("batch_size", batch_size, 1),
                                  ("seed", seed, 0), ("grid", grid, 0)):
@@ -260,8 +223,7 @@ def generate(
     device = resolve_device(device)
     schedule = linear_schedule()
     timesteps = schedule.timesteps(steps, spacing, **({} if t_min is None else {"t_min": t_min}))
-    if method not in SAMPLERS:
-        noise_levels(schedule, timesteps, method)  # refuses τ too short for a multistep method, before any file is written
+    check_options(method, len(timesteps), final_step=final_step)  # τ long enough, before any file is written
     manifest = sample_manifest(model, method=method, final_step=final_step, steps=steps, eta=eta, spacing=spacing, t_min=t_min,
                                num_images=num_images, batch_size=batch_size, seed=seed, timesteps=timesteps,
                                source=source, device=device, tols=tols)

@@ -7,20 +7,18 @@ seed) so that its points lie in about [-2, 2]², comparable to the N(0, I) prior
 model; the docstrings give the constants. Points of different components (moons, arms, modes)
 come in random order, so any slice of a sample is itself a sample.
 
-Frozen samples of each set live in the repository's ``toy_data/`` folder (see its README) and are
-read with :func:`load_frozen`.
+Frozen samples of each set live in the repository's ``toy_data/`` folder (see its README), which is
+installed with the package as its data (``ddim_edu.toy_data``), and are read with :func:`load_frozen`.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-#: Folder of the frozen samples, ``<repository>/toy_data`` (not a python package).
-TOY_DATA_DIR = Path(__file__).resolve().parents[2] / "toy_data"
+from ..utils.package_data import package_file
 
 
 def _check(n, generator) -> int:
@@ -122,14 +120,15 @@ def load_frozen(name: str) -> Tensor:
 
     These files were written by ``toy_data/make_toy_data.py`` from the generators above with a
     fixed seed, so they can serve as held-out data for a model trained on fresh generator draws.
+    They ship inside the package and are found with :func:`~ddim_edu.utils.package_data.package_file`.
     """
     if name not in DATASETS:
         raise ValueError(f"name must be one of {sorted(DATASETS)}, got {name!r}")
-    path = TOY_DATA_DIR / f"{name}.csv"
+    path = package_file(f"{name}.csv")
     if not path.is_file():
         raise FileNotFoundError(
-            f"frozen toy data file {path} is missing; regenerate it with `python toy_data/make_toy_data.py` "
-            "from the repository root"
+            f"frozen toy data file {path} is missing; in a checkout of the repository regenerate it with "
+            "`python toy_data/make_toy_data.py` from the repository root (a wheel ships the file: reinstall ddim-edu)"
         )
     lines = path.read_text().strip().splitlines()
     if not lines or lines[0].strip() != "x,y":
