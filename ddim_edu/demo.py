@@ -31,6 +31,8 @@ from .toy.datasets import DATASETS, load_frozen
 from .toy.nets import MLPEps
 from .training import train_eps_model
 
+__all__ = ["ETAS", "STEPS", "finding", "main", "plot_samples", "plot_table", "sample_grid", "write_tables"]
+
 STEPS = (10, 20, 50, 100, 1000)
 ETAS = (0.0, 0.2, 0.5, 1.0)
 

@@ -16,6 +16,18 @@ from torch import Tensor
 
 from .schedules import Schedule
 
+__all__ = [
+    "check_eta",
+    "direction_coefficient",
+    "q_sample",
+    "q_sigma_forward_step",
+    "q_sigma_marginal_moments",
+    "q_sigma_reverse_mean",
+    "sample_q_sigma_joint",
+    "sigma_eta",
+    "sigma_hat",
+]
+
 
 def bcast(a, x: Tensor) -> Tensor:
     """Put a scalar or [B] coefficient into x's dtype and device, shaped [B, 1, …] to broadcast."""

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import Tensor
 
+__all__ = ["slerp"]
+
 
 def slerp(x0: Tensor, x1: Tensor, weight) -> Tensor:
     """Spherical linear interpolation, ``sin((1-w)θ)/sin θ · x0 + sin(wθ)/sin θ · x1`` per sample.

@@ -49,6 +49,22 @@ from .schedules import Schedule
 from .sde import standard_normal_logp
 from .solvers import ADAPTIVE
 
+__all__ = [
+    "BIN_WIDTH_8BIT",
+    "BitsPerDim",
+    "DIVERGENCES",
+    "Likelihood",
+    "PROBES",
+    "augmented_flow",
+    "bits_per_dim",
+    "bits_per_dim_from_logp",
+    "dequantize",
+    "divergence_exact",
+    "divergence_hutchinson",
+    "draw_probe",
+    "log_likelihood",
+]
+
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 # Images in [-1, 1] from 8-bit data: pixel value k ∈ {0..255} ↦ x = k/127.5 - 1, so the bins

@@ -14,6 +14,8 @@ from torch import Tensor
 
 from .schedules import Schedule
 
+__all__ = ["GaussianMixture"]
+
 
 class GaussianMixture:
     """Σ_k w_k N(μ_k, diag(s_k²)) in d dimensions; parameters kept in float64.

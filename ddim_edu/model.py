@@ -46,6 +46,7 @@ __all__ = [
     "eps_from_prediction",
     "is_finite",
     "time_input",
+    "time_inputs",
     "timesteps_at",
 ]
 
@@ -60,6 +61,14 @@ def time_input(t: float, x: Tensor) -> Tensor:
     """The model's time argument: a float tensor [B] filled with timestep t (float64 for float64 x)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return torch.full((x.shape[0],), float(t), dtype=dtype, device=x.device)
+
+
+def time_inputs(times: Sequence[float], x: Tensor) -> dict[float, Tensor]:
+    """:func:`time_input` for many timesteps at once: ``{t: tensor [B] filled with t}``, rows of one tensor."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    times = list(dict.fromkeys(float(t) for t in times))
+    rows = torch.tensor(times, dtype=dtype, device=x.device).unsqueeze(1).expand(-1, x.shape[0])
+    return dict(zip(times, rows))
 
 
 def is_finite(x: Tensor) -> bool:
@@ -181,7 +190,8 @@ class EpsField:
                  *, check_finite: bool = False):
         self.model, self.schedule, self.check_finite = model, schedule, check_finite
         self._t = timesteps_at(schedule, sigmas, timesteps)
-        self._inputs: dict[tuple, Tensor] = {}  # (σ, batch, dtype, device) -> time input [B]
+        self._like: tuple | None = None  # (batch, dtype, device) of the time inputs made so far
+        self._inputs: dict[float, Tensor] = {}  # σ -> the model's time input [B] at σ
 
     def timestep(self, sigma: float) -> float:
         """The model's time input t at noise level σ (from the table, else converted and added to it)."""
@@ -192,10 +202,15 @@ class EpsField:
 
     def __call__(self, x_bar: Tensor, sigma: float) -> Tensor:
         t = self.timestep(sigma)
-        key = (sigma, x_bar.shape[0], x_bar.dtype, x_bar.device)
-        t_in = self._inputs.get(key)
-        if t_in is None:
-            t_in = self._inputs[key] = time_input(t, x_bar)
+        t_in = self._inputs.get(sigma)
+        like = (x_bar.shape[0], x_bar.dtype, x_bar.device)
+        if t_in is None or like != self._like:  # the first call, a σ off the table, or another batch
+            if like != self._like:
+                self._like = like
+                self._inputs = {s: time for s, time in zip(self._t, time_inputs(self._t.values(), x_bar).values())}
+            t_in = self._inputs.get(sigma)
+            if t_in is None:
+                t_in = self._inputs[sigma] = time_input(t, x_bar)
         x = x_bar * (1.0 / math.sqrt(1.0 + sigma * sigma))  # x = x̄ sqrt(ᾱ), ᾱ = 1/(1+σ²)
         eps = call_model(self.model, x, t_in, t)
         if self.check_finite and not is_finite(eps):

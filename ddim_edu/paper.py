@@ -4,6 +4,8 @@ Both use the same DDPM model (Ho et al. 2020) and the "quad" sequence of timeste
 """
 from __future__ import annotations
 
+__all__ = ["SIGMA_HAT", "TABLE1_FID", "TABLE2_RECONSTRUCTION_MSE", "table1_row_label"]
+
 SIGMA_HAT = "sigma_hat"  # Table 1's σ̂ row (Ho et al.'s larger variance), beside the η rows
 
 # Table 1: FID of 50,000 samples, {row: {S: FID}}; a row is η (Eq 16) or SIGMA_HAT.

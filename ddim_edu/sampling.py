@@ -14,14 +14,14 @@ pipeline hands it.
 """
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .forward import bcast, check_eta, direction_coefficient, q_sigma_reverse_mean, sigma_eta, sigma_hat
-from .model import Model, call_model, time_input
+from .model import Model, call_model, time_inputs
 from .schedules import Schedule
 
 __all__ = [
@@ -81,19 +81,19 @@ def run_steps(x_T: Tensor, steps: Iterator[Tensor], return_trajectory: bool = Fa
     return x
 
 
-def drive(model: Model, requests: Requests, *, check_finite: bool = True, progress: tqdm | None = None) -> Iterator[Tensor]:
+def drive(model: Model, requests: Requests, times: Sequence[float], *, check_finite: bool = True,
+          progress: tqdm | None = None) -> Iterator[Tensor]:
     """Answer a request generator's requests with ``model``; yield the state after each step, x_0 last.
 
+    ``times`` are the timesteps the generator will ask for (their time inputs are made at once);
     ``check_finite`` checks every ε (one host synchronisation each) and names the timestep of a NaN.
     """
-    inputs: dict[float, Tensor] = {}
+    inputs: dict[float, Tensor] | None = None
     try:
         x, t = next(requests)
+        inputs = time_inputs(times, x)
         while True:
-            t_in = inputs.get(t)
-            if t_in is None:
-                t_in = inputs[t] = time_input(t, x)
-            eps = call_model(model, x, t_in, t, check_finite=check_finite)
+            eps = call_model(model, x, inputs[t], t, check_finite=check_finite)
             x, t = requests.send(eps)
             if progress is not None:
                 progress.update()
@@ -177,13 +177,16 @@ def ddim_steps(model: Model, x_T: Tensor, schedule: Schedule, timesteps, eta: fl
     model call and names the timestep of a NaN (:func:`ddim_edu.solvers.sample` runs without it and
     checks its result instead).
     """
-    requests = ddim_requests(x_T, schedule, timesteps, eta, generator=generator, clip_x0=clip_x0)
-    yield from drive(model, requests, check_finite=check_finite, progress=_bar(len(timesteps), progress, "DDIM"))
+    tau = schedule.check_timesteps(timesteps)
+    requests = ddim_requests(x_T, schedule, tau, eta, generator=generator, clip_x0=clip_x0)
+    yield from drive(model, requests, tau.flip(0).tolist(), check_finite=check_finite, progress=_bar(len(tau), progress, "DDIM"))
 
 
 @torch.no_grad()
 def sigma_hat_steps(model: Model, x_T: Tensor, schedule: Schedule, timesteps, *, generator: torch.Generator | None = None,
                     clip_x0: float | None = 1.0, progress: bool = False, check_finite: bool = True) -> Iterator[Tensor]:
     """The σ̂ sampler (:func:`sigma_hat_requests`); yields like :func:`ddim_steps`."""
-    requests = sigma_hat_requests(x_T, schedule, timesteps, generator=generator, clip_x0=clip_x0)
-    yield from drive(model, requests, check_finite=check_finite, progress=_bar(len(timesteps), progress, "DDPM σ̂"))
+    tau = schedule.check_timesteps(timesteps)
+    requests = sigma_hat_requests(x_T, schedule, tau, generator=generator, clip_x0=clip_x0)
+    yield from drive(model, requests, tau.flip(0).tolist(), check_finite=check_finite,
+                     progress=_bar(len(tau), progress, "DDPM σ̂"))

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+__all__ = ["SPACINGS", "Schedule", "cosine_schedule", "karras_sigmas", "linear_schedule"]
+
 SPACINGS = ("uniform", "leading", "quad", "trailing", "linear", "karras", "logsnr")
 
 

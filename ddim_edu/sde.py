@@ -29,8 +29,22 @@ import torch
 from torch import Tensor
 
 from .forward import bcast
-from .sampling import Model, call_model, check_x, noise_like, run_steps
+from .model import Model, call_model
+from .sampling import check_x, noise_like, run_steps
 from .schedules import Schedule
+
+__all__ = [
+    "ReverseFamilySDE",
+    "SDE_METHODS",
+    "TORCHSDE_METHODS",
+    "VPSDE",
+    "brownian_tree",
+    "euler_maruyama_coefficients",
+    "sample_sde",
+    "sample_torchsde",
+    "sde_steps",
+    "standard_normal_logp",
+]
 
 
 def standard_normal_logp(z: Tensor) -> Tensor:
@@ -91,7 +105,7 @@ class VPSDE:
             raise ValueError(f"t must be >= 0 for the model (it is not defined below timestep 0), got {t.min().item()}")
         t_in = t.expand(x.shape[0]) if t.ndim == 0 else t
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        eps = call_model(model, x, t_in.to(device=x.device, dtype=dtype), t_in.max().item())
+        eps = call_model(model, x, t_in.to(device=x.device, dtype=dtype), t_in.max().item(), check_finite=True)
         return -eps / bcast((1 - self.schedule.alpha_bar(t)).sqrt(), x)
 
     def reverse_family(self, model: Model, lam: float):
@@ -204,7 +218,7 @@ def sde_steps(
     x = x_T
     for i in range(len(tau_f) - 1, -1, -1):
         t_in = torch.full((x.shape[0],), tau_f[i], dtype=dtype, device=x.device)
-        eps = call_model(model, x, t_in, tau_f[i])
+        eps = call_model(model, x, t_in, tau_f[i], check_finite=True)
         x = torch.add(x * a[i], eps, alpha=b[i])
         if c[i] > 0:
             x = x.add_(noise_like(x, generator), alpha=c[i])
@@ -293,7 +307,7 @@ class ReverseFamilySDE:
         t = self.timestep(u)
         x = y if self.shape is None else y.reshape(y.shape[0], *self.shape)
         t_in = torch.full((y.shape[0],), t, dtype=torch.float64 if y.dtype == torch.float64 else torch.float32, device=y.device)
-        eps = call_model(self.model, x, t_in, t).reshape(y.shape)
+        eps = call_model(self.model, x, t_in, t, check_finite=True).reshape(y.shape)
         self.nfe += 1
         drift = 0.5 * y - (0.5 * (1 + self.lam**2) / math.sqrt(-math.expm1(u))) * eps
         if cache:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .forward import check_eta
 from .model import EpsField, Field, Model, is_finite
 from .ode import probability_flow
-from .sampling import check_x, ddim_steps, run_steps, sigma_hat_steps
+from .sampling import check_x, ddim_requests, drive, run_steps, sigma_hat_requests
 from .schedules import Schedule
 
 __all__ = [
@@ -73,9 +73,9 @@ __all__ = [
     "unipc_step",
 ]
 
-SAMPLERS = {
-    "ddim": ddim_steps,  # Eq 12 with σ(η) of Eq 16: η = 0 DDIM, η = 1 DDPM
-    "sigma_hat": sigma_hat_steps,  # Table 1's σ̂ row, as the reference code realises it
+SAMPLERS = {  # the Eq 12 samplers, as request generators (ddim_edu.sampling)
+    "ddim": ddim_requests,  # Eq 12 with σ(η) of Eq 16: η = 0 DDIM, η = 1 DDPM
+    "sigma_hat": sigma_hat_requests,  # Table 1's σ̂ row, as the reference code realises it
 }
 
 
@@ -205,12 +205,13 @@ def dpmpp_2m_step(x, s, s_next, history):
     """
     d = history[-1].denoised
     rho = s_next / s
+    x_next = torch.lerp(d, x, rho)  # ρ x̄ + (1 - ρ) D_i: DDIM
     if len(history) < 2 or s_next == 0:
-        return torch.add(x * rho, d, alpha=1 - rho)  # DDIM
+        return x_next
     prev = history[-2]
     r = math.log(prev.sigma / s) / math.log(s / s_next)
-    # x̄' = ρ x̄ + (1 - ρ) D̂ with D̂ expanded, as three fused tensor ops
-    return torch.add(x * rho, d, alpha=(1 - rho) * (1 + 1 / (2 * r))).add_(prev.denoised, alpha=-(1 - rho) / (2 * r))
+    # + (1 - ρ)(D̂ - D_i) = (1 - ρ)(D_i - D_{i-1}) / (2r)
+    return x_next.add_(d, alpha=(1 - rho) / (2 * r)).add_(prev.denoised, alpha=-(1 - rho) / (2 * r))
 
 
 def dpmpp_3m_step(x, s, s_next, history):
@@ -268,22 +269,23 @@ def unipc_step(x, s, s_next, history):
     h = math.log(s / s_next)
     phi_2 = math.expm1(-h) / h + 1
     b_half = -math.expm1(-h) / 2  # B(h)/2 in the units of dx̄/dλ = D - x̄
-    base = (s_next / s) * x + (1 - s_next / s) * d
-    prev = history[-2].denoised if len(history) >= 2 else None
+    base = torch.lerp(d, x, s_next / s)  # (σ'/σ) x̄ + (1 - σ'/σ) D_i, DDIM
+    prev = history[-2] if len(history) >= 2 else None
     if prev is not None:
-        r0 = math.log(history[-2].sigma / s) / h  # the previous point sits at u = -r0 in units of h
-        x_pred = base + b_half * (d - prev) / r0  # UniP-2
+        r0 = math.log(prev.sigma / s) / h  # the previous point sits at u = -r0 in units of h
+        x_pred = torch.add(base, d, alpha=b_half / r0).add_(prev.denoised, alpha=-b_half / r0)  # UniP-2
     else:
         x_pred = base  # DDIM
     end = Evaluation(s_next, x_pred, (yield x_pred, s_next))
     history.append(end)  # the next step's start
     d_next = end.denoised
     if prev is None:
-        return base + b_half * (d_next - d)  # UniC-1
-    # D(u) = D_i + a u + b u² through u = -r0, 0, 1, integrated exactly (see dpmpp_3m_step).
-    b = ((prev - d) + r0 * (d_next - d)) / (r0 * (1 + r0))
-    a = d_next - d - b
-    return base + phi_2 * a + (1 - 2 * phi_2 / h) * b
+        return torch.add(base, d_next, alpha=b_half).add_(d, alpha=-b_half)  # UniC-1
+    # D(u) = D_i + a u + b u² through u = -r0, 0, 1, integrated exactly (see dpmpp_3m_step):
+    # b = ((D_{i-1} - D_i) + r0 (D' - D_i)) / (r0 (1 + r0)), a = D' - D_i - b, and
+    # x̄' = base + φ₂ a + (1 - 2φ₂/h) b, expanded into one weight per prediction.
+    c = (1 - 2 * phi_2 / h - phi_2) / (r0 * (1 + r0))  # the weight of b's numerator
+    return base.add_(d_next, alpha=phi_2 + c * r0).add_(d, alpha=-phi_2 - c * (1 + r0)).add_(prev.denoised, alpha=c)
 
 
 def sigma_polynomial_weights(nodes: list[float], rho: float) -> list[float]:
@@ -291,11 +293,21 @@ def sigma_polynomial_weights(nodes: list[float], rho: float) -> list[float]:
     the nodes ``(σ_j, D_j)``, given as ``nodes = [σ_j/σ]`` and ``rho = σ'/σ``.
 
     In v = u/σ, ∫ v^k / v² dv from 1 to ρ is 1 - 1/ρ, log ρ and ρ - 1 for k = 0, 1, 2; the weights
-    solve the transposed Vandermonde system of the nodes against those moments.
+    solve the transposed Vandermonde system Σ_j w_j v_j^k = (moment k) of the nodes against those
+    moments (at most 3×3, by Gaussian elimination in Python floats: no tensor work per step).
     """
-    moments = [1 - 1 / rho, math.log(rho), rho - 1][: len(nodes)]
-    vandermonde = torch.tensor([[v**k for k in range(len(nodes))] for v in nodes], dtype=torch.float64)
-    return torch.linalg.solve(vandermonde.T, torch.tensor(moments, dtype=torch.float64)).tolist()
+    n = len(nodes)
+    rows = [[v**k for v in nodes] + [m] for k, m in enumerate([1 - 1 / rho, math.log(rho), rho - 1][:n])]
+    for col in range(n):  # elimination with partial pivoting
+        pivot = max(range(col, n), key=lambda r: abs(rows[r][col]))
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        for r in range(col + 1, n):
+            factor = rows[r][col] / rows[col][col]
+            rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col])]
+    w = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        w[r] = (rows[r][n] - sum(rows[r][c] * w[c] for c in range(r + 1, n))) / rows[r][r]
+    return w
 
 
 def pc_sigma_step(x, s, s_next, history):
@@ -313,9 +325,12 @@ def pc_sigma_step(x, s, s_next, history):
         return history[-1].denoised
     rho = s_next / s
 
-    def advance(nodes):
+    def advance(nodes):  # x̄' = ρ (x̄ - Σ_j w_j D_j)
         weights = sigma_polynomial_weights([s_j / s for s_j, _ in nodes], rho)
-        return rho * (x - sum(w * d_j for w, (_, d_j) in zip(weights, nodes)))
+        out = torch.add(x, nodes[0][1], alpha=-weights[0])
+        for w, (_, d_j) in zip(weights[1:], nodes[1:]):
+            out.add_(d_j, alpha=-w)
+        return out.mul_(rho)
 
     nodes = [(e.sigma, e.denoised) for e in history[-2:]]
     x_pred = advance(nodes)  # predictor: D linear in σ
@@ -521,8 +536,9 @@ def _sample(model, x_T, schedule, tau, method, eta, generator, *, clip_x0, final
         extra = {"eta": eta} if method == "ddim" else {}
         if clip_x0 is not None:  # None: the sampler's default
             extra["clip_x0"] = None if clip_x0 == math.inf else clip_x0
-        steps = SAMPLERS[method](model, x_T, schedule, tau, generator=generator, progress=progress,
-                                 check_finite=check_finite, **extra)
+        requests = SAMPLERS[method](x_T, schedule, tau, generator=generator, **extra)
+        bar = tqdm(total=len(tau), desc=method, leave=False) if progress else None
+        steps = drive(model, requests, tau.flip(0).tolist(), check_finite=check_finite, progress=bar)
         return run_steps(x_T, steps, return_trajectory)
     sigmas = schedule.sigma(tau).flip(0).tolist()  # σ(τ_S) > … > σ(τ_1)
     known = dict(zip(sigmas, tau.flip(0).tolist()))  # exact timesteps on the grid

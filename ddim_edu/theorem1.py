@@ -26,6 +26,19 @@ from .model import Model
 from .sampling import predict_x0
 from .schedules import Schedule
 
+__all__ = [
+    "constant_C",
+    "gamma_exact",
+    "gamma_printed",
+    "gaussian_expectation",
+    "isotropic_gaussian_kl",
+    "j_sigma_gaussian",
+    "j_sigma_samples",
+    "l_gamma_gaussian",
+    "l_gamma_samples",
+    "sigmas_for_eta",
+]
+
 
 def sigmas_for_eta(schedule: Schedule, eta: float, sigma_1: float) -> Tensor:
     """σ_t for t = 1..T (float64 [T]): Eq 16 with parameter η for t ≥ 2, and the given σ_1 > 0."""

@@ -21,6 +21,8 @@ from .utils.checks import check_int
 from .forward import q_sample
 from .schedules import Schedule
 
+__all__ = ["TrainResult", "simple_loss", "train_eps_model", "warmup_cosine"]
+
 
 @dataclass
 class TrainResult:

@@ -24,6 +24,25 @@ from ..image.data import load_cifar10
 from ..utils.checks import resolve_device
 from ..utils.files import load_weights_only, save_npz_atomic
 
+__all__ = [
+    "FIDBackendMissing",
+    "FeatureMoments",
+    "Features",
+    "INCEPTION_FEATURES_NAME",
+    "INCEPTION_WEIGHTS_URL",
+    "NEED_CIFAR10",
+    "cifar10_statistics",
+    "default_inception_weights",
+    "default_stats_path",
+    "feature_statistics",
+    "fid",
+    "fid_install_hint",
+    "frechet_distance",
+    "image_statistics",
+    "inception_features",
+    "paired_torchvision",
+]
+
 
 class FIDBackendMissing(ImportError):
     """The Inception feature extractor (torch-fidelity or its weights) is not available; the message says what to install."""

@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+__all__ = ["energy_distance", "mmd_rbf", "sliced_wasserstein"]
+
 _CHUNK = 1024  # rows per block of a pairwise matrix: 1024 × 4096 float64 is 32 MB
 
 

@@ -35,6 +35,25 @@ from torch import Tensor
 
 from ..utils.package_data import package_file
 
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10_ENV",
+    "CIFAR10_FILES",
+    "CIFAR10_FOLDER",
+    "CIFAR10_PYTHON_FOLDER",
+    "CIFAR10_PYTHON_URL",
+    "CIFAR10_URL",
+    "OFFLINE_PHOTO_FILE",
+    "extract_cifar10",
+    "float_to_pixels",
+    "load_cifar10",
+    "load_offline_images",
+    "load_offline_photo",
+    "locate_cifar10",
+    "make_offline_photo",
+    "pixels_to_float",
+]
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_PYTHON_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ENV = "DDIM_EDU_CIFAR10"

@@ -44,6 +44,17 @@ from .data import float_to_pixels
 from .grids import save_png, tile
 from .unet import UNet
 
+__all__ = [
+    "FRACTIONAL_SPACINGS",
+    "MANIFEST_FORMAT",
+    "generate",
+    "initial_noise",
+    "load_images",
+    "step_generator",
+    "tolerances",
+    "weights_sha256",
+]
+
 FRACTIONAL_SPACINGS = ("linear", "karras", "logsnr")  # the spacings that take t_min
 MANIFEST_FORMAT = "ddim_edu.cli.sample/1"
 _INFO_KEYS = ("source", "torch", "device")  # recorded in the manifest, not compared on resume

@@ -57,6 +57,21 @@ from torch import Tensor
 from ..utils.files import load_weights_only
 from .unet import UNet, UNetConfig
 
+__all__ = [
+    "CONFIG_NAME",
+    "CheckpointError",
+    "WEIGHTS_NAMES",
+    "config_from_diffusers",
+    "diffusers_config",
+    "find_cached",
+    "load_unet",
+    "read_state_dict",
+    "read_unet_config",
+    "to_diffusers_state_dict",
+    "to_reference_state_dict",
+    "unet_from_state_dict",
+]
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 

@@ -52,6 +52,17 @@ from .grids import make_grid, save_png
 from .pretrained import unet_from_state_dict
 from .unet import UNet, UNetConfig
 
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_WEIGHTS",
+    "ImageTrainResult",
+    "linear_warmup",
+    "load_checkpoint",
+    "load_checkpoint_unet",
+    "save_checkpoint",
+    "train_image_model",
+]
+
 CHECKPOINT_FORMAT = "ddim_edu.image_training/1"
 # Under DDP, torch's generators (dropout) are seeded per (rank, step) from this stream: shared
 # generators would give every rank the same masks, and states carried from step to step would differ

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = ["UNet", "UNetConfig", "timestep_embedding"]
+
 
 @dataclass
 class UNetConfig:

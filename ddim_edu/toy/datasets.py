@@ -20,6 +20,16 @@ from torch import Tensor
 
 from ..utils.package_data import package_file
 
+__all__ = [
+    "DATASETS",
+    "checkerboard",
+    "eight_gaussians",
+    "load_frozen",
+    "spirals",
+    "swiss_roll",
+    "two_moons",
+]
+
 
 def _check(n, generator) -> int:
     if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+__all__ = ["MLPEps", "sinusoidal_embedding"]
+
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Transformer-style embedding of float timesteps: ``[cos(t ω_k), sin(t ω_k)]``, ``ω_k = max_period^(-k/half)``.

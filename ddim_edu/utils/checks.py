@@ -5,6 +5,8 @@ import numbers
 
 import torch
 
+__all__ = ["check_int", "resolve_device"]
+
 
 def check_int(name: str, value, minimum: int = 1) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""

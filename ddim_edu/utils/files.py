@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+__all__ = ["atomic_write", "load_weights_only", "save_json_atomic", "save_npz_atomic"]
+
 
 @contextlib.contextmanager
 def atomic_write(path):

@@ -12,6 +12,8 @@ from __future__ import annotations
 from importlib import resources
 from typing import TYPE_CHECKING
 
+__all__ = ["DATA_PACKAGE", "package_file"]
+
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 

@@ -6,6 +6,8 @@ import signal
 import threading
 from collections.abc import Iterator
 
+__all__ = ["sigterm_as_keyboard_interrupt"]
+
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
