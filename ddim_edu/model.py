@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .forward import bcast
 from .schedules import Schedule
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "Field",
     "Model",
     "as_eps_model",
+    "batch_times",
     "call_model",
     "denoiser_field",
     "eps_at_sigma",
@@ -61,6 +63,20 @@ def time_input(t: float, x: Tensor) -> Tensor:
     """The model's time argument: a float tensor [B] filled with timestep t (float64 for float64 x)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return torch.full((x.shape[0],), float(t), dtype=dtype, device=x.device)
+
+
+def batch_times(t, x: Tensor) -> Tensor:
+    """A network's time argument as a tensor [B] on x's device: a [B] tensor, or a scalar for the whole batch.
+
+    For networks that implement the contract (``ddim_edu.toy.nets``, ``ddim_edu.image.unet``) and
+    accept a single timestep the way diffusers' networks do; anything else is a ValueError.
+    """
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must have shape [B] = [{x.shape[0]}] (or be a scalar), got {tuple(t.shape)}")
+    return t
 
 
 def time_inputs(times: Sequence[float], x: Tensor) -> dict[float, Tensor]:
@@ -100,14 +116,6 @@ def call_model(model: Model, x: Tensor, t: Tensor, timestep: float, *, check_fin
 # --- parameterisations ----------------------------------------------------------------------------
 
 
-def _coefficient(value, x: Tensor) -> Tensor:
-    """A scalar or [B] coefficient as a tensor in x's dtype and device, shaped to broadcast over x."""
-    value = torch.as_tensor(value, dtype=torch.float64)
-    if value.ndim == 1:
-        value = value.reshape(-1, *([1] * (x.ndim - 1)))
-    return value.to(device=x.device, dtype=x.dtype)
-
-
 def eps_from_prediction(output: Tensor, x: Tensor, alpha_bar, prediction_type: str) -> Tensor:
     """ε from a network ``output`` of the given ``prediction_type`` at x_t with ᾱ = ``alpha_bar`` (a scalar or [B]).
 
@@ -118,9 +126,9 @@ def eps_from_prediction(output: Tensor, x: Tensor, alpha_bar, prediction_type: s
         return output
     alpha = torch.as_tensor(alpha_bar, dtype=torch.float64)
     if prediction_type == "sample":
-        return (x - _coefficient(alpha.sqrt(), x) * output) / _coefficient((1 - alpha).sqrt(), x)
+        return (x - bcast(alpha.sqrt(), x) * output) / bcast((1 - alpha).sqrt(), x)
     if prediction_type == "v_prediction":
-        return _coefficient(alpha.sqrt(), x) * output + _coefficient((1 - alpha).sqrt(), x) * x
+        return bcast(alpha.sqrt(), x) * output + bcast((1 - alpha).sqrt(), x) * x
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 

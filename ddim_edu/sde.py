@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .forward import bcast
 from .model import Model, call_model
-from .sampling import check_x, noise_like, run_steps
+from .sampling import Requests, check_x, drive, noise_like, run_steps
 from .schedules import Schedule
 
 __all__ = [
@@ -41,8 +41,7 @@ __all__ = [
     "brownian_tree",
     "euler_maruyama_coefficients",
     "sample_sde",
-    "sample_torchsde",
-    "sde_steps",
+    "sde_requests",
     "standard_normal_logp",
 ]
 
@@ -188,62 +187,62 @@ def euler_maruyama_coefficients(schedule: Schedule, timesteps, lam: float) -> tu
     return a.tolist(), b.tolist(), c.tolist(), tau
 
 
+def sde_requests(x_T: Tensor, schedule: Schedule, timesteps, lam: float = 1.0, *,
+                 generator: torch.Generator | None = None) -> Requests:
+    """Euler–Maruyama on the reverse-time λ-family from τ_S (x_T) down to ᾱ = 1, as a request generator
+    (the protocol of :mod:`ddim_edu.sampling`: yields (x, t), receives ε_θ(x, t), returns x_0).
+
+    Each step is ``x ← a x + b ε_θ(x, τ_i) + c z`` with the coefficients of
+    :func:`euler_maruyama_coefficients`; λ = 0 draws no noise (the probability-flow ODE), λ = 1 is
+    the reverse SDE. Noise comes from ``generator``.
+    """
+    check_x(x_T)
+    a, b, c, tau = euler_maruyama_coefficients(schedule, timesteps, lam)
+    tau_f = tau.tolist()
+    x = x_T
+    for i in range(len(tau_f) - 1, -1, -1):
+        eps = yield x, tau_f[i]
+        x = torch.add(x * a[i], eps, alpha=b[i])  # drift
+        if c[i] > 0:
+            x = x.add_(noise_like(x, generator), alpha=c[i])  # diffusion
+    return x
+
+
 # Euler–Maruyama: weak order 1; strong order 1 too here, since the noise λ g(t) dw̄ is additive.
-SDE_METHODS = {"euler_maruyama": euler_maruyama_coefficients}
+SDE_METHODS = {"euler_maruyama": sde_requests}
 
 
 @torch.no_grad()
-def sde_steps(
-    model: Model,
-    x_T: Tensor,
-    schedule: Schedule,
-    timesteps,
-    *,
-    lam: float = 1.0,
-    method: str = "euler_maruyama",
-    generator: torch.Generator | None = None,
-) -> Iterator[Tensor]:
-    """Integrate the reverse-time λ-family from τ_S (x_T) down to ᾱ = 1; yields x after each step, x_0 last.
+def sample_sde(model: Model, x_T: Tensor, schedule: Schedule, timesteps, *, lam: float = 1.0,
+               method: str = "euler_maruyama", generator: torch.Generator | None = None, dt: float | None = None,
+               bm=None, return_trajectory: bool = False) -> Tensor:
+    """Sample x_0 by integrating the reverse-time λ-family (λ = 0: probability-flow ODE, λ = 1: reverse SDE).
 
-    λ = 0 draws no noise (the probability-flow ODE; deterministic given x_T), λ = 1 is the reverse
-    SDE. ``timesteps`` is increasing, in the library's index convention, as for
-    :func:`ddim_edu.solvers.sample`. Noise comes from ``generator``.
+    ``method="euler_maruyama"`` takes :func:`sde_requests`' steps on the grid τ. As the number of
+    steps grows, λ = η gives the same distribution as DDIM's ``solvers.sample(..., eta=η)``: λ = 1 ↔
+    DDPM's ancestral sampler, λ = 0 ↔ DDIM. ``method`` may also be one of torchsde's solvers
+    (``TORCHSDE_METHODS``, e.g. ``"srk"``; needs torchsde): :func:`torchsde.sdeint` then integrates
+    the same family on the same grid in the time u = log ᾱ (:class:`ReverseFamilySDE`), ``dt=None``
+    taking one step per interval of the grid and a float ``dt`` splitting each interval into equal
+    steps of at most ``dt`` in u; its noise is ``bm`` (a torchsde Brownian motion on [log ᾱ(τ_S), 0]
+    of shape [B, x_T[0].numel()]), by default :func:`brownian_tree` seeded from ``generator``. Its
+    last step, from τ_1 to ᾱ = 1 where no model can be evaluated, is Euler–Maruyama's; torchsde's
+    ``"euler"`` with ``dt=None`` takes exactly ``"euler_maruyama"``'s steps, with the noise of the
+    Brownian motion. With ``return_trajectory=True`` returns the stack [S+1, B, …] from x_T to x_0.
     """
     check_x(x_T)
-    if method not in SDE_METHODS:
-        raise ValueError(f"method must be one of {sorted(SDE_METHODS)}, got {method!r}")
-    a, b, c, tau = SDE_METHODS[method](schedule, timesteps, lam)
-    tau_f = tau.tolist()
-    dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
-    x = x_T
-    for i in range(len(tau_f) - 1, -1, -1):
-        t_in = torch.full((x.shape[0],), tau_f[i], dtype=dtype, device=x.device)
-        eps = call_model(model, x, t_in, tau_f[i], check_finite=True)
-        x = torch.add(x * a[i], eps, alpha=b[i])
-        if c[i] > 0:
-            x = x.add_(noise_like(x, generator), alpha=c[i])
-        yield x
-
-
-def sample_sde(
-    model: Model,
-    x_T: Tensor,
-    schedule: Schedule,
-    timesteps,
-    *,
-    lam: float = 1.0,
-    method: str = "euler_maruyama",
-    generator: torch.Generator | None = None,
-    return_trajectory: bool = False,
-) -> Tensor:
-    """Sample x_0 with :func:`sde_steps` (λ = 0: probability-flow ODE, λ = 1: reverse SDE).
-
-    As the number of steps grows, λ = η gives the same distribution as DDIM's
-    ``solvers.sample(..., eta=η)``: λ = 1 ↔ DDPM's ancestral sampler, λ = 0 ↔ DDIM.
-    With ``return_trajectory=True`` returns the stack [S+1, B, …] from x_T to x_0.
-    """
-    steps = sde_steps(model, x_T, schedule, timesteps, lam=lam, method=method, generator=generator)
-    return run_steps(x_T, steps, return_trajectory)
+    lam = _check_lam(lam)
+    tau = schedule.check_timesteps(timesteps)
+    if method not in SDE_METHODS and method not in TORCHSDE_METHODS:
+        raise ValueError(f"method must be one of {sorted(SDE_METHODS)} or torchsde's {sorted(TORCHSDE_METHODS)}, got {method!r}")
+    if dt is not None and (isinstance(dt, bool) or not isinstance(dt, (int, float)) or not (math.isfinite(dt) and dt > 0)):
+        raise ValueError(f"dt must be None (one step per interval of the grid) or a number > 0, got {dt!r}")
+    if method in SDE_METHODS:
+        if dt is not None or bm is not None:
+            raise ValueError(f"dt and bm apply to torchsde's methods {sorted(TORCHSDE_METHODS)}, not to {method!r}")
+        steps = drive(model, sde_requests(x_T, schedule, tau, lam, generator=generator), tau.flip(0).tolist())
+        return run_steps(x_T, steps, return_trajectory)
+    return _sample_torchsde(model, x_T, schedule, tau, lam, method, dt, generator, bm, return_trajectory)
 
 
 # --- the λ-family handed to torchsde ---------------------------------------------------------
@@ -322,7 +321,7 @@ class ReverseFamilySDE:
 # torchsde's methods that take diagonal noise, with the SDE type each solves (one and the same SDE
 # here, the noise being additive), and model evaluations per step (counted in tests/test_sde.py).
 TORCHSDE_METHODS = {
-    "euler": "ito",  # 1; Euler–Maruyama, with dt=None sde_steps' steps
+    "euler": "ito",  # 1; Euler–Maruyama, with dt=None sde_requests' steps
     "milstein": "ito",  # 1; = euler here (g does not depend on x)
     "srk": "ito",  # 4; stochastic Runge–Kutta (Rößler 2010), strong order 1.5
     "midpoint": "stratonovich",  # 2
@@ -333,7 +332,7 @@ TORCHSDE_METHODS = {
 
 
 def brownian_tree(x_T: Tensor, schedule: Schedule, timesteps, *, generator: torch.Generator | None = None):
-    """The Brownian motion :func:`sample_torchsde` uses by default: a torchsde Brownian tree on
+    """The Brownian motion :func:`sample_sde` uses by default for torchsde's methods: a torchsde Brownian tree on
     ``[log ᾱ(τ_S), 0]`` with one coordinate per entry of x_T, seeded from ``generator``.
 
     A tree (``halfway_tree=True``) fixes the whole path by its seed, so that it can be queried at
@@ -357,46 +356,12 @@ def brownian_tree(x_T: Tensor, schedule: Schedule, timesteps, *, generator: torc
     )
 
 
-@torch.no_grad()
-def sample_torchsde(
-    model: Model,
-    x_T: Tensor,
-    schedule: Schedule,
-    timesteps,
-    *,
-    lam: float = 1.0,
-    method: str = "euler",
-    dt: float | None = None,
-    generator: torch.Generator | None = None,
-    bm=None,
-    return_trajectory: bool = False,
-) -> Tensor:
-    """Sample x_0 by integrating the reverse-time λ-family with ``torchsde.sdeint`` (Song et al. 2021, Sec. 4.3).
-
-    The same family and grid as :func:`sample_sde`: from τ_S (x_T) through every τ_i down to τ_1,
-    in torchsde's time u = log ᾱ(t) (:class:`ReverseFamilySDE`), with ``method`` one of
-    ``TORCHSDE_METHODS``; ``dt=None`` takes one step per interval of the grid, a float ``dt``
-    splits each interval into equal steps of at most ``dt`` in u. The last step, from τ_1 to ᾱ = 1
-    where no model can be evaluated, is Euler–Maruyama's, as in :func:`sde_steps`. With
-    ``method="euler"`` and ``dt=None`` every step is :func:`sde_steps`' (a test), with the noise
-    taken from the Brownian motion.
-
-    The noise is ``bm`` (a torchsde Brownian motion on [log ᾱ(τ_S), 0] of shape [B, x_T[0].numel()]),
-    by default :func:`brownian_tree` seeded from ``generator``. λ = 0 is the probability-flow ODE.
-    With ``return_trajectory=True`` returns the stack [S+1, B, …] from x_T through τ_{S-1}, …, τ_1 to x_0.
-    Needs torchsde (``pip install torchsde``, or the ``sde`` extra).
-    """
-    check_x(x_T)
-    lam = _check_lam(lam)
-    if method not in TORCHSDE_METHODS:
-        raise ValueError(f"method must be one of {sorted(TORCHSDE_METHODS)}, got {method!r}")
-    if dt is not None and (isinstance(dt, bool) or not isinstance(dt, (int, float)) or not (math.isfinite(dt) and dt > 0)):
-        raise ValueError(f"dt must be None (one step per interval of the grid) or a number > 0, got {dt!r}")
-    tau = schedule.check_timesteps(timesteps)
+def _sample_torchsde(model, x_T, schedule, tau, lam, method, dt, generator, bm, return_trajectory) -> Tensor:
+    """:func:`sample_sde` with one of torchsde's methods (arguments checked)."""
     try:
         import torchsde
     except ImportError as err:
-        raise ImportError('sample_torchsde needs torchsde: pip install torchsde (or pip install -e ".[sde]")') from err
+        raise ImportError(f'method {method!r} needs torchsde: pip install torchsde (or pip install -e ".[sde]")') from err
 
     if bm is None:
         bm = brownian_tree(x_T, schedule, tau, generator=generator)
@@ -414,7 +379,7 @@ def sample_torchsde(
         ys, extra = torchsde.sdeint(sde, y, ts, bm=bm, method=method, dt=h / n * (1 + 1e-10), extra=True, extra_solver_state=extra)
         y = ys[-1]
         xs.append(y.reshape(x_T.shape))
-    # Last step, τ_1 → ᾱ = 1 (u = 0): Euler–Maruyama with the drift at τ_1, as in sde_steps.
+    # Last step, τ_1 → ᾱ = 1 (u = 0): Euler–Maruyama with the drift at τ_1, as in sde_requests.
     drift = sde.f(u[0], y)
     y = y + drift * (0.0 - u[0])
     if lam > 0:

@@ -10,7 +10,7 @@ from ddim_edu.evaluation.metrics import energy_distance
 from ddim_edu.mixture import GaussianMixture
 from ddim_edu.ode import probability_flow
 from ddim_edu.schedules import cosine_schedule, linear_schedule
-from ddim_edu.sde import TORCHSDE_METHODS, VPSDE, euler_maruyama_coefficients, sample_sde, sample_torchsde, sde_steps
+from ddim_edu.sde import TORCHSDE_METHODS, VPSDE, euler_maruyama_coefficients, sample_sde
 from ddim_edu.solvers import sample
 
 MU = torch.tensor([0.5, -1.0], dtype=torch.float64)
@@ -134,12 +134,12 @@ def test_prior(vp):
 
 
 def test_first_step_is_euler_maruyama_on_the_reverse_family(sched, vp, ring):
-    """One step of sde_steps = x - drift·h + diffusion·sqrt(h) z with h = Δs/β(τ_S) (EM in the clock s = -log ᾱ)."""
+    """One step of sample_sde = x - drift·h + diffusion·sqrt(h) z with h = Δs/β(τ_S) (EM in the clock s = -log ᾱ)."""
     model = ring.eps_model(sched)
     tau = sched.timesteps(10, "trailing")
     x = randn(32, 2, seed=7)
     lam = 0.7
-    x1 = next(sde_steps(model, x, sched, tau, lam=lam, generator=torch.Generator().manual_seed(8)))
+    x1 = sample_sde(model, x, sched, tau, lam=lam, generator=torch.Generator().manual_seed(8), return_trajectory=True)[1]
     t, t_prev = tau[-1], tau[-2]
     h = (sched.log_alpha_bar(t_prev) - sched.log_alpha_bar(t)) / vp.beta(t)
     drift, diffusion = vp.reverse_family(model, lam)(x, t)
@@ -240,7 +240,7 @@ def test_trajectory_and_dtype(sched, ring):
         ({"lam": -0.1}, "lam"),
         ({"lam": float("nan")}, "lam"),
         ({"lam": True}, "lam"),
-        ({"method": "milstein"}, "method"),
+        ({"method": "ddim"}, "method must be one of"),
         ({"timesteps": [10, 5, 20]}, "monotone"),
         ({"timesteps": [0, 1000]}, "timesteps"),
     ],
@@ -300,13 +300,13 @@ def counting(model):
 
 @pytest.mark.parametrize("lam", [0.0, 0.7])
 def test_torchsde_euler_is_our_euler_maruyama_step_by_step(sched, torchsde, lam):
-    """method="euler": every step is sde_steps' x ← a x + b ε + c z, with c z = λ ΔW from the Brownian motion
-    (ΔW over Δs = log ᾱ(τ_{i-1}) - log ᾱ(τ_i)); as many model evaluations as sde_steps (S)."""
+    """method="euler": every step is sample_sde's x ← a x + b ε + c z, with c z = λ ΔW from the Brownian motion
+    (ΔW over Δs = log ᾱ(τ_{i-1}) - log ᾱ(τ_i)); as many model evaluations as Euler–Maruyama (S)."""
     model = counting(gaussian3().eps_model(sched))
     tau = sched.timesteps(20, "trailing")
     x_T = exact_x_T3(sched, 64, seed=20)
     bm = tree(torchsde, sched, tau, 64, 3, seed=21)
-    traj = sample_torchsde(model, x_T, sched, tau, lam=lam, bm=bm, return_trajectory=True)
+    traj = sample_sde(model, x_T, sched, tau, lam=lam, method="euler", bm=bm, return_trajectory=True)
     assert traj.shape == (21, 64, 3) and model.calls == 20
     a, b, c, _ = euler_maruyama_coefficients(sched, tau, lam)
     u = [0.0, *sched.log_alpha_bar(tau).tolist()]  # log ᾱ(τ_i), τ_0 := -1
@@ -317,7 +317,7 @@ def test_torchsde_euler_is_our_euler_maruyama_step_by_step(sched, torchsde, lam)
         torch.testing.assert_close(traj[len(tau) - i], x, rtol=1e-12, atol=1e-12)
     if lam == 0:  # the probability-flow ODE: sample_sde's Euler steps, whatever the noise
         torch.testing.assert_close(traj[-1], sample_sde(model, x_T, sched, tau, lam=0.0), rtol=1e-12, atol=1e-12)
-        other = sample_torchsde(model, x_T, sched, tau, lam=0.0, generator=torch.Generator().manual_seed(22))
+        other = sample_sde(model, x_T, sched, tau, lam=0.0, method="euler", generator=torch.Generator().manual_seed(22))
         assert torch.equal(other, traj[-1])
 
 
@@ -367,12 +367,12 @@ def test_torchsde_agrees_in_distribution(sched, torchsde, lam):
     tau = sched.timesteps(20, "trailing")
     x_T = exact_x_T3(sched, 4000, seed=26)
     ours = sample_sde(model, x_T, sched, tau, lam=lam, generator=torch.Generator().manual_seed(27))
-    theirs = sample_torchsde(model, x_T, sched, tau, lam=lam, method="euler", generator=torch.Generator().manual_seed(28))
+    theirs = sample_sde(model, x_T, sched, tau, lam=lam, method="euler", generator=torch.Generator().manual_seed(28))
     for z in paired_z(theirs, ours):
         assert z.abs().max() < 4, z
     for x in (ours, theirs):  # the grid is coarse enough for Euler–Maruyama's bias to show
         assert exact_z(x)[1].min() > 4
-    srk = sample_torchsde(model, x_T, sched, tau, lam=lam, method="srk", generator=torch.Generator().manual_seed(29))
+    srk = sample_sde(model, x_T, sched, tau, lam=lam, method="srk", generator=torch.Generator().manual_seed(29))
     for z in exact_z(srk):
         assert z.abs().max() < 4, z
 
@@ -385,8 +385,8 @@ def test_torchsde_lambda_zero_is_the_probability_flow_ode(sched, torchsde):
     x_T = exact_x_T3(sched, 256, seed=30)
     alpha_T = sched.alpha_bar(float(sched.T - 1))
     x0_exact = MU3 + STD3 * (x_T - alpha_T.sqrt() * MU3) / (alpha_T * STD3**2 + 1 - alpha_T).sqrt()
-    a = sample_torchsde(model, x_T, sched, tau, lam=0.0, method="srk", generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, sample_torchsde(model, x_T, sched, tau, lam=0.0, method="srk", generator=torch.Generator().manual_seed(2)))
+    a = sample_sde(model, x_T, sched, tau, lam=0.0, method="srk", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, sample_sde(model, x_T, sched, tau, lam=0.0, method="srk", generator=torch.Generator().manual_seed(2)))
     err = (a - x0_exact).abs().max().item()
     err_euler = (sample_sde(model, x_T, sched, tau, lam=0.0) - x0_exact).abs().max().item()
     assert err < 1e-3 and err < err_euler / 100, (err, err_euler)
@@ -404,7 +404,7 @@ def test_torchsde_seed_fixes_the_brownian_path_at_any_resolution(sched, torchsde
     x_T = exact_x_T3(sched, 64, seed=31, t=LOW[-1])
 
     def run(seed, **kwargs):
-        return sample_torchsde(model, x_T, sched, LOW, generator=torch.Generator().manual_seed(seed), **kwargs)
+        return sample_sde(model, x_T, sched, LOW, generator=torch.Generator().manual_seed(seed), **{"method": "euler", **kwargs})
 
     a = run(32)
     assert torch.equal(a, run(32)) and (a - run(33)).abs().max() > 0.5
@@ -417,7 +417,7 @@ def run_low(sched, method, model=None):
     """16 samples of the 3-D Gaussian from t = 300 at dt = 0.02: 48 steps (26, 16 and 6 over LOW's intervals)."""
     x_T = exact_x_T3(sched, 16, seed=34, t=LOW[-1])
     model = model or gaussian3().eps_model(sched)
-    return sample_torchsde(model, x_T, sched, LOW, method=method, dt=0.02, generator=torch.Generator().manual_seed(35))
+    return sample_sde(model, x_T, sched, LOW, method=method, dt=0.02, generator=torch.Generator().manual_seed(35))
 
 
 @pytest.fixture(scope="module")
@@ -453,7 +453,7 @@ def test_torchsde_trajectory_dtype_and_image_shape(sched, torchsde):
         return 0.1 * x
 
     x_T = randn(4, 1, 2, 3, seed=36).float()
-    traj = sample_torchsde(model, x_T, sched, [0, 10, 20], method="srk", return_trajectory=True, generator=torch.Generator().manual_seed(0))
+    traj = sample_sde(model, x_T, sched, [0, 10, 20], method="srk", return_trajectory=True, generator=torch.Generator().manual_seed(0))
     assert traj.shape == (4, 4, 1, 2, 3) and traj.dtype == torch.float32 and bool(torch.isfinite(traj).all())
     assert torch.equal(traj[0], x_T) and set(seen) == {((4, 1, 2, 3), torch.float32)}
 
@@ -463,8 +463,8 @@ def test_torchsde_trajectory_dtype_and_image_shape(sched, torchsde):
     [
         ({"lam": -0.1}, "lam"),
         ({"lam": float("nan")}, "lam"),
-        ({"method": "euler_maruyama"}, "method"),
         ({"method": "log_ode"}, "method"),
+        ({"method": "euler_maruyama", "dt": 0.1}, "dt and bm apply to torchsde's methods"),
         ({"dt": 0.0}, "dt"),
         ({"dt": float("inf")}, "dt"),
         ({"dt": True}, "dt"),
@@ -473,7 +473,7 @@ def test_torchsde_trajectory_dtype_and_image_shape(sched, torchsde):
 def test_torchsde_bad_input(sched, ring, kwargs, match):
     args = {"timesteps": [0, 10, 20], **kwargs}
     with pytest.raises(ValueError, match=match):
-        sample_torchsde(ring.eps_model(sched), randn(2, 2), sched, **args)
+        sample_sde(ring.eps_model(sched), randn(2, 2), sched, **args)
     with pytest.raises(ValueError, match="sde_type"):
         VPSDE(sched).torchsde(ring.eps_model(sched), sde_type="stratonovic")
     with pytest.raises(ValueError, match="lam"):
@@ -483,4 +483,4 @@ def test_torchsde_bad_input(sched, ring, kwargs, match):
 def test_torchsde_missing_says_what_to_install(sched, ring, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchsde", None)
     with pytest.raises(ImportError, match="pip install torchsde"):
-        sample_torchsde(ring.eps_model(sched), randn(2, 2), sched, [0, 10, 20])
+        sample_sde(ring.eps_model(sched), randn(2, 2), sched, [0, 10, 20], method="srk")

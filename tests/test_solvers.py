@@ -276,3 +276,107 @@ def test_sigma_polynomial_weights_integrate_polynomials_exactly():
         exact = a * (1 / s - 1 / s_next) + b * math.log(s_next / s) + c * (s_next - s)
         assert abs(quadrature - exact) < 1e-12, (nodes, quadrature, exact)
     assert sigma_polynomial_weights([1.0], 0.25) == pytest.approx([1 - 1 / 0.25])
+
+
+# --- the step protocol ------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A field ε(x̄, σ) that records where it is evaluated."""
+
+    def __init__(self, field):
+        self.field, self.levels = field, []
+
+    def __call__(self, x, s):
+        self.levels.append(s)
+        return self.field(x, s)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("spacing, S", [("trailing", 7), ("karras", 5), ("logsnr", 2), ("trailing", 1)])
+def test_methods_evaluate_where_they_declare(sched, ring, method, spacing, S):
+    """Method.levels lists every evaluation a solve makes, in order (the diffusers adapter and EpsField rely on
+    it), Method.nfe counts them, and every method runs down to one timestep (its one step is Euler's, DDIM's)."""
+    if S == 1:
+        tau = torch.tensor([900.0])
+    else:
+        tau = sched.timesteps(S, spacing)
+    grid = [*sched.sigma(tau).flip(0).tolist(), 0.0]
+    recorder = Recorder(EpsField(ring.eps_model(sched), sched))
+    x_bar = x_T(16) * math.sqrt(1 + grid[0] ** 2)
+    out = integrate(recorder, x_bar, grid, method)
+    assert recorder.levels == METHODS[method].levels(grid)
+    assert len(recorder.levels) == METHODS[method].nfe(len(tau))
+    if S == 1:
+        torch.testing.assert_close(out / math.sqrt(1 + 0.0), sample(ring.eps_model(sched), x_T(16), sched, tau, "ddim"),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_an_integral_grid_feeds_the_model_integer_timesteps(sched, ring):
+    """The ODE path gives the model the grid's timesteps exactly (246, not 245.99999999999997): the σ → t
+    conversion is made once per solve, with the integral τ kept as they are."""
+    seen = []
+    exact = ring.eps_model(sched)
+
+    def model(x, t):
+        seen.append(t[0].item())
+        return exact(x, t)
+
+    tau = sched.timesteps(13, "trailing")
+    sample(model, x_T(4), sched, tau, "dpm_solver_2")
+    on_grid = [t for t in seen if t.is_integer()]
+    assert sorted(on_grid, reverse=True) == tau.flip(0).tolist()  # every grid level once, as the exact integer
+    assert len(seen) - len(on_grid) == len(tau) - 1  # the λ-midpoints in between, fractional
+
+
+def test_extrapolate_reads_the_history(sched, ring):
+    """final_step="extrapolate" = the line through the last two x_0 predictions at σ_1 and σ_2 (in σ²)."""
+    from ddim_edu.solvers import extrapolated_x0
+
+    tau = sched.timesteps(6, "trailing")
+    model = ring.eps_model(sched)
+    sig = sched.sigma(tau).flip(0).tolist()
+    for method in ("euler", "heun", "unipc", "pc_sigma"):
+        # the last two evaluations at grid levels, as the solve makes them (trajectory: x̄ after each step)
+        traj = sample(model, x_T(8), sched, tau, method, return_trajectory=True)
+        x_2, x_1 = traj[-3] * math.sqrt(1 + sig[-2] ** 2), traj[-2] * math.sqrt(1 + sig[-1] ** 2)
+        eps = EpsField(model, sched)
+        d_1 = x_1 - sig[-1] * eps(x_1, sig[-1])
+        out = sample(model, x_T(8), sched, tau, method, final_step="extrapolate")
+        if method in ("euler", "heun"):  # their grid evaluations are at the grid states
+            d_2 = x_2 - sig[-2] * eps(x_2, sig[-2])
+            torch.testing.assert_close(out, extrapolated_x0(d_1, d_2, sig[-1], sig[-2]), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(sample(model, x_T(8), sched, tau, method), traj[-1], rtol=0, atol=0)
+
+
+# --- DDIM inversion's first step ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data, tau", [("ring", [0.0]), ("gaussian", [999.0]), ("gaussian", [99.0])])
+def test_encode_first_step_inverts_the_last_sampling_step_on_narrow_data(sched, data, tau):
+    """With one timestep, encode is the exact inverse of sample's single (Euler = DDIM) step: the solve of
+    x̄_1 = x_0 + σ_1 ε(x̄_1, σ_1) is iterated to its tolerance. Plain fixed-point iteration contracts by
+    κ = σ_1²/(s² + σ_1²) for data of scale s: 0.5 for the ring's modes of std 0.01 at σ(0) (three passes
+    left 0.2 s), 1 - 4e-9 for N(μ, 0.01²) at σ(999) = 157, where Anderson's acceleration still converges."""
+    mixture = GaussianMixture.ring(K=8, radius=1.0, std=0.01) if data == "ring" else GaussianMixture([[0.3, -0.2]], [0.01])
+    model = mixture.eps_model(sched)
+    x0 = mixture.sample(64, generator=torch.Generator().manual_seed(0))
+    back = sample(model, encode(model, x0, sched, tau), sched, tau, "ddim")
+    assert ((back - x0).norm(dim=1) / x0.norm(dim=1)).max() < 1e-8  # float64 rounding of an x̄ as large as 1e6
+
+
+def test_encode_says_when_the_first_step_does_not_converge(sched, ring):
+    from ddim_edu.solvers import ConvergenceError
+
+    with pytest.raises(ConvergenceError, match=r"encode's first step .* did not converge: relative residual .* after 2 evaluations"):
+        encode(ring.eps_model(sched), x_T(8), sched, [999.0], max_iterations=2)
+    # Narrow modes (std 0.01) 0.77 apart at σ_1 = σ(99) = 0.34: the one step that would map back to x_0
+    # starts 0.34²/0.01² ≈ 1150 times as far from the mode as x_0, among the other modes; none is found.
+    narrow = GaussianMixture.ring(K=8, radius=1.0, std=0.01)
+    x0 = narrow.sample(16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConvergenceError, match="start τ at a smaller timestep"):
+        encode(narrow.eps_model(sched), x0, sched, [99.0])
+    with pytest.raises(ValueError, match="max_iterations"):
+        encode(ring.eps_model(sched), x_T(8), sched, [999.0], max_iterations=0)
+    with pytest.raises(ValueError, match="method must be one of the ODE methods"):
+        encode(ring.eps_model(sched), x_T(8), sched, [10.0], method="nonsense")

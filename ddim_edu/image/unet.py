@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..model import batch_times
+
 __all__ = ["UNet", "UNetConfig", "timestep_embedding"]
 
 
@@ -307,11 +309,7 @@ class UNet(nn.Module):
             raise ValueError(
                 f"x must have shape [B, {c.in_channels}, H, W] with H, W divisible by {factor}, got {tuple(x.shape)}"
             )
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape [B] = [{x.shape[0]}], got {tuple(t.shape)}")
+        t = batch_times(t, x)
         temb = self.temb(t)  # [B, 4ch]
 
         hs = [self.conv_in(x.to(self.conv_in.weight.dtype))]  # skip connections, (B, ch, H, W) first

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..model import batch_times
+
 __all__ = ["MLPEps", "sinusoidal_embedding"]
 
 
@@ -71,11 +73,7 @@ class MLPEps(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape [B, {self.dim}], got {tuple(x.shape)}")
         dtype = self.inp.weight.dtype
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape [B] = [{x.shape[0]}], got {tuple(t.shape)}")
+        t = batch_times(t, x)
         temb = self.time_mlp(sinusoidal_embedding(t.to(torch.float64), self.emb_dim).to(dtype))
         h = self.inp(x.to(dtype))
         for proj, block in zip(self.time_proj, self.blocks):
