@@ -37,6 +37,7 @@ from ddim_edu.image.training import make_grid, train_image_model
 from ddim_edu.evaluation.metrics import sliced_wasserstein
 from ddim_edu.schedules import linear_schedule
 from ddim_edu.solvers import sample
+from ddim_edu.training import TrainConfig
 from ddim_edu.image.unet import UNet, UNetConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -99,10 +100,10 @@ def main():
     model = UNet(config)
     n_params = sum(p.numel() for p in model.parameters())
     schedule = linear_schedule(1000)
-    result = train_image_model(model, data, schedule, steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=50,
-                               ema_decay=0.995, seed=args.seed, progress=False)
+    recipe = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=50, ema_decay=0.995, seed=args.seed)
+    result = train_image_model(model, data, schedule, recipe, progress=False)
     final_loss = result.losses[-50:].mean().item()
-    stage("training", start, f"{args.steps} steps × batch {args.batch}, {result.images_per_second:.0f} images/s, "
+    stage("training", start, f"{args.steps} steps × batch {args.batch}, {result.examples_per_second:.0f} images/s, "
           f"L_1 over the last 50 steps {final_loss:.1f} (d = {3 * 16 * 16})")
 
     # 3. sampling, all S from the same noise

@@ -53,7 +53,7 @@ from ddim_edu.image.training import train_image_model
 from ddim_edu.image.pretrained import diffusers_config, load_unet, to_diffusers_state_dict
 from ddim_edu.schedules import linear_schedule
 from ddim_edu.solvers import sample
-from ddim_edu.training import simple_loss
+from ddim_edu.training import TrainConfig, simple_loss
 from ddim_edu.image.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,8 +312,8 @@ def training_rows(model_config, schedule, args, device, log) -> list[tuple[str, 
     torch.manual_seed(0)
     model = UNet(model_config).to(device)
     start = time.perf_counter()
-    train_image_model(model, data, schedule, steps=warm + window * args.repeats, batch_size=B, lr=2e-4, warmup=100,
-                      bf16=True, progress=False, callback=callback)
+    recipe = TrainConfig(steps=warm + window * args.repeats, batch_size=B, lr=2e-4, warmup=100)
+    train_image_model(model, data, schedule, recipe, bf16=True, progress=False, callback=callback)
     windows = [b - a for a, b in itertools.pairwise(marks)]
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     rows.append(("ours: `train_image_model` (AdamW, grad clip, EMA" + (", bf16, channels_last)" if bf16 else ")"),

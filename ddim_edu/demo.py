@@ -29,7 +29,7 @@ from .schedules import SPACINGS, linear_schedule
 from .solvers import sample
 from .toy.datasets import DATASETS, load_frozen
 from .toy.nets import MLPEps
-from .training import train_eps_model
+from .training import TrainConfig, train_eps_model
 
 __all__ = ["ETAS", "STEPS", "finding", "main", "plot_samples", "plot_table", "sample_grid", "write_tables"]
 
@@ -156,7 +156,7 @@ def main(argv=None) -> Path:
     n = len(heldout)
 
     start = time.perf_counter()
-    result = train_eps_model(MLPEps(dim=2), train, schedule, steps=train_steps, seed=args.seed)
+    result = train_eps_model(MLPEps(dim=2), train, schedule, TrainConfig.toy(steps=train_steps, seed=args.seed))
     train_seconds = time.perf_counter() - start
     print(f"trained {train_steps} steps in {train_seconds:.0f} s; final loss {result.losses[-100:].mean():.3f}")
 

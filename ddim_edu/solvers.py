@@ -43,28 +43,33 @@ __all__ = [
     "ADAPTIVE",
     "ADAPTIVE_ATOL",
     "ADAPTIVE_RTOL",
-    "ALL_METHODS",
+    "ConvergenceError",
+    "Evaluation",
     "FINAL_STEPS",
     "METHODS",
     "METHOD_GROUPS",
-    "SAMPLERS",
-    "ConvergenceError",
-    "Evaluation",
     "Method",
+    "SAMPLERS",
     "answer",
     "check_options",
     "dpm_solver_2_step",
+    "dpm_solver_3_stages",
     "dpm_solver_3_step",
     "dpmpp_2m_step",
+    "dpmpp_3m_stages",
     "dpmpp_3m_step",
     "encode",
+    "end_stage",
     "euler_step",
     "extrapolated_x0",
     "fixed_point",
     "heun_step",
     "integrate",
+    "lambda_midpoint",
     "method_listing",
+    "no_stages",
     "pc_sigma_step",
+    "rk4_stages",
     "rk4_step",
     "sample",
     "sigma_polynomial_weights",
@@ -384,12 +389,11 @@ METHODS = {
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's adaptive solvers
 ADAPTIVE_RTOL = ADAPTIVE_ATOL = 1e-5  # their default tolerances here
 
-METHOD_GROUPS = {
-    "Eq 12 samplers": tuple(SAMPLERS),
-    "ODE methods (Eq 14)": tuple(METHODS),
+METHOD_GROUPS = {  # the names by family (METHODS as it stands: a method registered later is listed too)
+    "Eq 12 samplers": SAMPLERS,
+    "ODE methods (Eq 14)": METHODS,
     "adaptive ODE solvers (torchdiffeq)": ADAPTIVE,
 }
-ALL_METHODS = tuple(name for names in METHOD_GROUPS.values() for name in names)
 
 # How the last step, σ(τ_1) → 0, is taken, and the fewest timesteps each needs.
 FINAL_STEPS = {"euler": 1, "extrapolate": 2}

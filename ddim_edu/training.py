@@ -2,45 +2,140 @@
 
 The paper's DDIM samplers reuse a network trained this way (Theorem 1: for every σ the
 variational objective J_σ is some L_γ plus a constant, and an ε-model that minimises L_1 per t
-minimises every L_γ). Randomness (minibatches, timesteps, noise) comes from one
-``torch.Generator`` seeded by ``seed``, so a run is reproducible given the model's initial weights.
+minimises every L_γ). :class:`TrainConfig` is the recipe: its defaults are DDPM's CIFAR-10 run
+(Ho et al. 2020, Appendix B: Adam at lr 2e-4 with a linear warm-up over 5000 steps, gradient norms
+clipped at 1, an EMA of the weights with decay 0.9999, random horizontal flips, batch 128), and
+:meth:`TrainConfig.toy` the one for the 2-D toy sets. :func:`train_eps_model` runs either on any
+``nn.Module`` with ``forward(x, t)`` (t float [B] of timestep indices), with what a real run needs:
+
+- all randomness of a step (minibatch indices, flips, timesteps t, noise ε) comes from one
+  ``torch.Generator`` seeded with ``config.seed``, drawn for the whole (global) batch in a fixed order,
+  so a run is reproducible given the model's initial weights;
+- checkpoints hold model, EMA, optimiser, lr scheduler, step, loss history, the random states
+  (torch's CPU and CUDA generators and the data generator) and the recipe, as plain tensors and
+  Python values, so ``torch.load(path, weights_only=True)`` reads them; they are written atomically
+  (temporary file in the same folder, fsync, ``os.replace``), so a crash or Ctrl-C never leaves a torn file;
+- resuming is exact: on a CPU, N steps, stop, resume, N more steps give the same bits as 2N steps;
+- Ctrl-C (KeyboardInterrupt) between steps writes a checkpoint of the last finished step first;
+  SIGTERM (what a job scheduler or torchrun sends to stop a run) is treated as Ctrl-C;
+- under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in
+  DistributedDataParallel and each rank takes its contiguous share of the global batch; since
+  DDP averages gradients and every rank draws the same global batch, the result equals
+  one-process training on the global batch up to float rounding (for a model without dropout).
+  The model's own randomness (dropout) is seeded per rank and step, so masks differ across
+  ranks and a resumed run draws the same ones. Only rank 0 writes files.
+
+Images have more in :mod:`ddim_edu.image.training` (sample sheets, a UNet's config in the checkpoint).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .utils.checks import check_int
 from .forward import q_sample
 from .schedules import Schedule
+from .utils.checks import check_int
+from .utils.files import atomic_write, load_weights_only
+from .utils.seeds import derive_seed
+from .utils.signals import sigterm_as_keyboard_interrupt
 
-__all__ = ["TrainResult", "simple_loss", "train_eps_model", "warmup_cosine"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "TrainConfig",
+    "TrainResult",
+    "load_checkpoint",
+    "save_checkpoint",
+    "shard_loss",
+    "simple_loss",
+    "train_eps_model",
+    "warmup_cosine",
+]
+
+CHECKPOINT_FORMAT = "ddim_edu.image_training/1"
+# Under DDP, torch's generators (dropout) are seeded per (rank, step) from this stream: shared
+# generators would give every rank the same masks, and states carried from step to step would differ
+# per rank and would all have to be checkpointed.
+_STREAM_DROPOUT = 2
+_CHECKPOINT_KEYS = ("format", "step", "model", "ema", "ema_n_averaged", "optimizer", "scheduler", "rng", "losses", "config")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe, stored in every checkpoint; a resumed run must match it in all but ``steps``.
+
+    The defaults are DDPM's CIFAR-10 recipe (Adam is AdamW with ``weight_decay = 0``); :meth:`toy` is the
+    one for the 2-D toy sets. Change fields with ``TrainConfig(steps=...)``, ``TrainConfig.toy(steps=...)``
+    or ``dataclasses.replace``.
+    """
+
+    steps: int = 800_000  # optimiser steps from the start of training (DDPM's CIFAR-10 run)
+    batch_size: int = 128  # examples per step (the global batch under DDP)
+    lr: float = 2e-4  # the peak learning rate
+    warmup: int = 5000  # steps of linear warm-up, from lr / warmup to lr
+    final_lr_fraction: float = 1.0  # lr at the last step / lr: 1 is constant after warm-up (DDPM), < 1 a cosine decay
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (0: Adam)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's β_1, β_2
+    grad_clip: float | None = 1.0  # the gradients' total norm is clipped to this (None: no clipping)
+    ema_decay: float = 0.9999  # after every step θ_ema ← decay θ_ema + (1 − decay) θ
+    hflip: bool = True  # flip each image left-right with probability 1/2 (data [N, C, H, W] only)
+    seed: int = 0  # the generator of minibatch indices, flips, t and ε
+
+    def __post_init__(self):
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup", 0)):
+            check_int(name, getattr(self, name), minimum)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError(f"final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"ema_decay must lie in [0, 1], got {self.ema_decay!r}")
+
+    @classmethod
+    def toy(cls, **changes) -> TrainConfig:
+        """The recipe for the 2-D toy sets of :mod:`ddim_edu.toy.datasets`, with ``changes`` to its fields.
+
+        Adam at lr 2e-3, 100 warm-up steps, then a cosine down to 5 % of lr; batch 256, EMA decay 0.999,
+        8000 steps, no clipping, no flips. With :class:`~ddim_edu.toy.nets.MLPEps` (hidden 128, 3 blocks)
+        8000 steps take about 55 s on a CPU (≈145 steps/s, 6–7 ms per step) and give DDIM samples of
+        ``swiss_roll`` and ``eight_gaussians`` as close to held-out data as a second data sample is;
+        half as many leave visibly diffuse points. Fine, tightly wound structure (``spirals``,
+        ``checkerboard`` edges) needs several times longer.
+        """
+        recipe = dict(steps=8000, batch_size=256, lr=2e-3, warmup=100, final_lr_fraction=0.05, grad_clip=None,
+                      ema_decay=0.999, hflip=False)
+        return cls(**{**recipe, **changes})
 
 
 @dataclass
 class TrainResult:
     """What :func:`train_eps_model` returns.
 
-    ``model`` is the trained network (the same object that was passed in), ``ema`` a separate copy
-    holding the exponential moving average of its weights (the one to sample with), ``losses`` the
-    L_1 minibatch loss at every step (float64 [steps]) and ``seconds`` the wall time of the loop.
+    ``model`` is the trained network (the object passed in), ``ema`` its EMA copy in eval mode (the
+    one to sample with), ``losses`` the (global-batch) L_1 loss of every step since step 0 (float64
+    [step], earlier runs' steps read from the checkpoint), ``step`` the number of steps done, and
+    ``seconds``, ``steps_per_second`` and ``examples_per_second`` the wall time and throughput of this call's steps.
     """
 
     model: nn.Module
     ema: nn.Module
     losses: Tensor
+    step: int
     seconds: float
-
-    @property
-    def steps_per_second(self) -> float:
-        return len(self.losses) / self.seconds if self.seconds > 0 else math.inf
+    steps_per_second: float
+    examples_per_second: float
 
 
 def simple_loss(model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedule: Schedule,
@@ -61,88 +156,320 @@ def simple_loss(model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedule:
     return (pred - eps).pow(2).flatten(1).sum(1).mean()
 
 
+def shard_loss(model, x0: Tensor, schedule: Schedule, generator: torch.Generator, batch_size: int, lo: int) -> Tensor:
+    """L_1 on rows ``lo : lo + len(x0)`` of a global batch of ``batch_size`` examples.
+
+    Draws t and ε for the *whole* global batch, in :func:`simple_loss`'s order (t [B] first, then
+    ε [B, …]), and uses this shard's rows, so the generator advances alike on every rank. With
+    ``lo = 0`` and ``len(x0) = batch_size`` this is ``simple_loss`` exactly.
+    """
+    n = x0.shape[0]
+    t = torch.randint(0, schedule.T, (batch_size,), generator=generator)[lo:lo + n]
+    eps = torch.randn((batch_size, *x0.shape[1:]), generator=generator, dtype=x0.dtype)[lo:lo + n].to(x0.device)
+    x_t = q_sample(x0, schedule.alphas_cumprod[t], eps)  # Eq 4
+    pred = model(x_t, t.to(device=x0.device, dtype=x0.dtype))
+    return (pred - eps).pow(2).flatten(1).sum(1).mean()
+
+
 def warmup_cosine(step: int, steps: int, warmup: int, final_fraction: float) -> float:
-    """The lr multiplier at ``step``: linear warm-up from 1/warmup to 1, then cosine decay to ``final_fraction``."""
+    """The lr multiplier at ``step``: linear warm-up from 1/warmup to 1, then cosine decay to ``final_fraction``.
+
+    With ``final_fraction = 1`` it is DDPM's schedule: ``(step + 1) / warmup`` during warm-up, then exactly 1.
+    """
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path, checkpoint: dict) -> Path:
+    """``torch.save`` to ``path`` atomically (:func:`ddim_edu.utils.files.atomic_write`): if anything fails
+    (or Ctrl-C arrives) before the rename, the previous file at ``path`` is untouched."""
+    path = Path(path)
+    with atomic_write(path) as f:
+        torch.save(checkpoint, f)
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint of :func:`train_eps_model` with ``weights_only=True`` (no arbitrary unpickling).
+
+    Raises FileNotFoundError if it is missing and ValueError if it is truncated, corrupt, or not
+    such a checkpoint. ``checkpoint["ema"]`` is a ``state_dict`` for the bare model and
+    ``checkpoint["config"]`` the :class:`TrainConfig` as a dict, with the schedule's ``T``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = load_weights_only(path)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {err}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (written by ddim_edu.training.train_eps_model)")
+    missing = [k for k in _CHECKPOINT_KEYS if k not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing}; it is damaged or from another version")
+    return checkpoint
+
+
+def _stored_config(config: TrainConfig, schedule: Schedule) -> dict:
+    """The recipe as a checkpoint stores it: ``asdict(config)`` in plain Python values, and the schedule's T."""
+    stored = {k: float(v) if isinstance(v, float) else v for k, v in asdict(config).items()}
+    return {**stored, "betas": [float(b) for b in config.betas], "T": schedule.T}
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"torch_cpu": torch.get_rng_state(), "data": generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # one row per visible device
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# --- distributed helpers ----------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast_(tensor: Tensor, device: torch.device) -> Tensor:
+    """Rank 0's value of a CPU tensor on every rank (through ``device`` for NCCL)."""
+    buf = tensor.to(device if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(buf, src=0)
+    return buf.cpu()
+
+
+def _sync_ranks(step: int, generator: torch.Generator, device: torch.device, checkpoint) -> None:
+    """Check that every rank starts at rank 0's step, then give all ranks rank 0's data generator.
+
+    The same collectives run on every rank, resumed or not. DDP broadcasts the weights itself;
+    the data generators must agree too, so that all ranks draw the same global batch.
+    """
+    bounds = torch.tensor([step, -step], dtype=torch.int64)
+    bounds = bounds.to(device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)  # (largest step, -smallest step) over the ranks
+    if int(bounds[0]) != -int(bounds[1]):
+        raise ValueError(f"the ranks start at different steps ({-int(bounds[1])} to {int(bounds[0])}; this is rank "
+                         f"{dist.get_rank()} at step {step}): every rank must see the same checkpoint {checkpoint} "
+                         "(put it on a shared file system)")
+    generator.set_state(_broadcast_(generator.get_state(), device))
+
+
+def _global_mean(loss: Tensor, world: int) -> Tensor:
+    if world == 1:
+        return loss.detach()
+    total = loss.detach().clone()
+    dist.all_reduce(total)  # SUM: gloo has no AVG
+    return total / world
+
+
+# --- the trainer -------------------------------------------------------------------------------------------
+
+
 def train_eps_model(
     model: nn.Module,
     data: Tensor,
     schedule: Schedule,
+    config: TrainConfig,
     *,
-    steps: int = 8000,
-    batch_size: int = 256,
-    lr: float = 2e-3,
-    warmup: int = 100,
-    final_lr_fraction: float = 0.05,
-    ema_decay: float = 0.999,
-    seed: int = 0,
+    checkpoint=None,
+    checkpoint_every: int = 5000,
+    checkpoint_extra: dict | None = None,
+    bf16: bool = False,
+    channels_last: bool = False,
+    compile: bool | dict = False,
     progress: bool = True,
     callback: Callable[[int, Tensor, nn.Module, nn.Module], None] | None = None,
 ) -> TrainResult:
-    """Minimise L_1 (:func:`simple_loss`) with Adam on minibatches drawn with replacement from ``data``.
+    """Minimise L_1 (:func:`simple_loss`) with AdamW on random minibatches of ``data``, as ``config`` says.
 
-    ``data`` is a tensor [N, ...] of training points (on the model's device); each step draws
-    ``batch_size`` row indices, timesteps and noise from one generator seeded with ``seed``. The
-    learning rate warms up linearly over ``warmup`` steps, then follows a cosine from ``lr`` down to
-    ``final_lr_fraction * lr``. After every step the EMA copy is updated by torch's
-    ``AveragedModel`` with ``get_ema_multi_avg_fn(ema_decay)``: the first update copies the weights,
-    later ones set ``θ_ema ← decay θ_ema + (1 − decay) θ`` (parameters and buffers alike).
-    ``callback(step, loss, model, ema)``, if given, runs after each step's EMA update.
+    ``data``: training examples [N, ...] (points [N, d], images [N, C, H, W], …), floats, or uint8
+    pixels mapped to [-1, 1] per batch (DDPM's ``x / 127.5 − 1``); batches are moved to the model's
+    device. Each step draws ``batch_size`` indices (with replacement), then a flip bit per image (if
+    ``hflip``, which needs images [N, C, H, W]), then t and ε per example (:func:`shard_loss`), all
+    from one generator seeded with ``seed``. The lr rises linearly over ``warmup`` steps, then stays
+    at ``lr`` or follows a cosine down to ``final_lr_fraction * lr`` at the last step
+    (:func:`warmup_cosine`); gradients are clipped to total norm ``grad_clip`` (None: no clipping);
+    the EMA is torch's ``AveragedModel`` with ``get_ema_multi_avg_fn(ema_decay)``: the first update
+    copies the weights, later ones set ``θ_ema ← decay θ_ema + (1 − decay) θ`` (parameters and buffers alike).
 
-    The defaults fit the 2-D toy sets of :mod:`ddim_edu.toy.datasets` with :class:`~ddim_edu.toy.nets.MLPEps`
-    (hidden 128, 3 blocks): 8000 steps take about 55 s on a CPU (≈145 steps/s, 6–7 ms per step) and
-    give DDIM samples of ``swiss_roll`` and ``eight_gaussians`` as close to held-out data as a second
-    data sample is; half as many leave visibly diffuse points. Fine, tightly wound structure
-    (``spirals``, ``checkerboard`` edges) needs several times longer.
+    ``checkpoint``: a file path. If it exists, training resumes from it (``config`` must match the
+    one stored, but ``steps`` may grow, not shrink; with a cosine decay the decay then stretches to the
+    new end) and continues to ``steps`` in total; it is rewritten every ``checkpoint_every`` steps, at
+    the end, and on Ctrl-C between steps, with the plain values of ``checkpoint_extra`` added (e.g. a
+    UNet's config). Files are written by rank 0 only; under DDP every rank reads the checkpoint, so it
+    must be on a shared file system.
+
+    On CUDA, ``bf16`` runs forward and loss under bfloat16 autocast and ``channels_last`` stores image
+    batches and activations NHWC; on a CPU both are ignored. ``compile`` wraps the forward in
+    ``torch.compile`` (a dict is passed to it as keyword arguments, e.g. ``{"mode": "max-autotune"}``);
+    checkpoints hold the bare model's weights either way.
+    ``callback(step, loss, model, ema)`` runs after every step (0-based ``step``, global-batch loss).
+    Under DDP, torch's generators (which dropout draws from) are seeded at every step from
+    (``seed``, rank, step) by :func:`~ddim_edu.utils.seeds.derive_seed`: each rank draws its own masks, and resuming
+    needs no per-rank state. The one-process equality holds for models without randomness in ``forward``.
     The model is trained in place and returned together with its EMA copy (in eval mode).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (it is optimised), got {type(model).__name__}")
-    if not isinstance(data, Tensor) or data.ndim < 2 or data.shape[0] < 1 or not data.is_floating_point():
-        shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
-        raise ValueError(f"data must be a floating tensor [N, ...] of training points with N >= 1, got {shape}")
-    check_int("steps", steps)
-    check_int("batch_size", batch_size)
-    check_int("warmup", warmup, minimum=0)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if not 0 <= final_lr_fraction <= 1:
-        raise ValueError(f"final_lr_fraction must lie in [0, 1], got {final_lr_fraction!r}")
-    if not 0 <= ema_decay <= 1:
-        raise ValueError(f"ema_decay must lie in [0, 1], got {ema_decay!r}")
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(data, Tensor) or data.ndim < 2 or data.shape[0] < 1 or not (data.is_floating_point() or data.dtype == torch.uint8):
+        desc = (tuple(data.shape), data.dtype) if isinstance(data, Tensor) else type(data).__name__
+        raise ValueError(f"data must be a tensor [N, ...] of examples (floats or uint8 pixels) with N >= 1, got {desc}")
+    if config.hflip and data.ndim != 4:
+        raise ValueError(f"hflip flips images [N, C, H, W], but data have shape {tuple(data.shape)}: "
+                         "use hflip=False (TrainConfig.toy has it)")
+    check_int("checkpoint_every", checkpoint_every)
+    if checkpoint_extra is not None and set(checkpoint_extra) & set(_CHECKPOINT_KEYS):
+        raise ValueError(f"checkpoint_extra must not replace the trainer's entries {_CHECKPOINT_KEYS}, "
+                         f"got {sorted(checkpoint_extra)}")
+    rank, world = _world()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of processes {world}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("model has no parameters to train")
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        raise ValueError(f"checkpoint {checkpoint} is a folder; pass a file path such as {Path(checkpoint) / 'checkpoint.pt'}")
+    device = params[0].device
+    on_cuda = device.type == "cuda"
+    use_bf16 = bf16 and on_cuda and torch.cuda.is_bf16_supported()
+    memory_format = torch.channels_last if (channels_last and on_cuda and data.ndim == 4) else torch.contiguous_format
+    stored_config = _stored_config(config, schedule)
 
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    # --- state: optimiser, scheduler, EMA, generators; restored from the checkpoint if there is one
+    generator = torch.Generator().manual_seed(config.seed)
+    resume = load_checkpoint(checkpoint) if checkpoint is not None and Path(checkpoint).is_file() else None
+    if resume is not None:
+        stored = {"final_lr_fraction": 1.0, **resume["config"]}  # a checkpoint without it had a constant lr
+        changed = {k: (stored.get(k), v) for k, v in stored_config.items() if k != "steps" and stored.get(k) != v}
+        if changed:
+            raise ValueError(f"checkpoint {checkpoint} was made with other settings, (stored, given): {changed}; "
+                             "pass the stored values or use a new checkpoint path")
+        if int(resume["step"]) > config.steps:
+            raise ValueError(f"checkpoint {checkpoint} is at step {int(resume['step'])}, past steps={config.steps} (steps "
+                             "counts from the start of training): pass a larger steps, or a new checkpoint path to start over")
+        try:
+            model.load_state_dict(resume["model"])
+        except RuntimeError as err:
+            details = [line.strip()[:300] for line in str(err).splitlines()[1:] if line.strip()]
+            raise ValueError(f"checkpoint {checkpoint} was trained with another architecture than this model's: "
+                             + "; ".join(details[:4])) from err
+    if memory_format == torch.channels_last:
+        model.to(memory_format=memory_format)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas),
+                                  weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, steps, warmup, final_lr_fraction)
+        optimizer, lambda s: warmup_cosine(s, config.steps, config.warmup, config.final_lr_fraction)
     )
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-    losses = torch.empty(steps, dtype=torch.float64)
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    step, losses_before = 0, torch.zeros(0, dtype=torch.float64)
+    if resume is not None:
+        averaged.module.load_state_dict(resume["ema"])
+        averaged.n_averaged.copy_(resume["ema_n_averaged"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        _set_rng_state(resume["rng"], generator)
+        step, losses_before = int(resume["step"]), resume["losses"].to(torch.float64)
+    if world > 1:
+        _sync_ranks(step, generator, device, checkpoint)
+    start_step = step
 
+    forward: nn.Module = model
+    if world > 1:
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
+    if compile:
+        forward = torch.compile(forward, **(compile if isinstance(compile, dict) else {}))
+    batch_size, steps = config.batch_size, config.steps
+    share = batch_size // world
+    lo = rank * share
+
+    def make_checkpoint(losses: Tensor) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(),
+                "ema": averaged.module.state_dict(), "ema_n_averaged": averaged.n_averaged.detach().cpu(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(generator), "losses": losses, "config": stored_config, **(checkpoint_extra or {})}
+
+    losses = torch.zeros(max(0, steps - start_step), dtype=torch.float64, device=device)
+
+    def all_losses() -> Tensor:
+        return torch.cat([losses_before, losses[:step - start_step].cpu()])
+
+    between_steps = True  # False while a step is half done: its state must not be saved
+    saved_step = step
+    bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc="training", leave=False)
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(steps), disable=not progress, desc="training", leave=False)
-    for step in bar:
-        idx = torch.randint(0, data.shape[0], (batch_size,), generator=generator).to(data.device)
-        loss = simple_loss(model, data[idx], schedule, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        averaged.update_parameters(model)
-        losses[step] = loss.detach()
-        if callback is not None:
-            callback(step, loss.detach(), model, averaged.module)
-        if progress and (step % 50 == 0 or step == steps - 1):
-            # the running mean of the last 50 minibatch losses: single losses are very noisy
-            bar.set_postfix(loss=f"{losses[max(0, step - 49):step + 1].mean().item():.4f}")
+    with sigterm_as_keyboard_interrupt():
+        try:
+            while step < steps:
+                between_steps = False
+                # one global batch: indices, flips, then (in shard_loss) t and ε, all from `generator`
+                idx = torch.randint(0, data.shape[0], (batch_size,), generator=generator)[lo:lo + share]
+                flip = (torch.rand(batch_size, generator=generator) < 0.5)[lo:lo + share] if config.hflip else None
+                x0 = data[idx.to(data.device)].to(device, non_blocking=True)
+                if x0.dtype == torch.uint8:
+                    x0 = x0.to(torch.float32) / 127.5 - 1.0  # pixels {0, …, 255} to [-1, 1]
+                if flip is not None:
+                    x0 = torch.where(flip.to(device)[:, None, None, None], x0.flip(-1), x0)
+                x0 = x0.contiguous(memory_format=memory_format)
+                if world > 1:
+                    torch.manual_seed(derive_seed(config.seed, _STREAM_DROPOUT, rank, step))  # this rank's dropout masks
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    if world == 1:
+                        loss = simple_loss(forward, x0, schedule, generator)
+                    else:
+                        loss = shard_loss(forward, x0, schedule, generator, batch_size, lo)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # DDP: gradients averaged over ranks here
+                if config.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                averaged.update_parameters(model)
+                loss = _global_mean(loss, world)
+                losses[step - start_step] = loss
+                step += 1
+                between_steps = True
+
+                if callback is not None:
+                    callback(step - 1, loss, model, averaged.module)
+                if rank == 0 and checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
+                    save_checkpoint(checkpoint, make_checkpoint(all_losses()))
+                    saved_step = step
+                bar.update(1)
+                if progress and rank == 0 and (step % 25 == 0 or step == steps):
+                    done = step - start_step
+                    recent = losses[max(0, done - 50):done].mean().item()  # single minibatch losses are noisy
+                    rate = done * batch_size / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{recent:.4f}", ex_s=f"{rate:.0f}")
+        except KeyboardInterrupt:
+            if rank == 0 and checkpoint is not None and between_steps and step > saved_step:
+                save_checkpoint(checkpoint, make_checkpoint(all_losses()))
+            raise
+        finally:
+            bar.close()
     seconds = time.perf_counter() - start
+    if world > 1:
+        dist.barrier()  # rank 0's files are complete when any rank returns
 
     ema = averaged.module
     ema.eval()
-    return TrainResult(model=model, ema=ema, losses=losses, seconds=seconds)
+    done = step - start_step
+    per_second = done / seconds if seconds > 0 else math.inf
+    return TrainResult(model=model, ema=ema, losses=all_losses(), step=step, seconds=seconds,
+                       steps_per_second=per_second, examples_per_second=per_second * batch_size)

@@ -15,6 +15,23 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+class Recorder:
+    """A model ``model(x, t)`` or field ``eps(x̄, σ)`` that records the second argument of each call in ``calls``."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, x, at):
+        self.calls.append(at)
+        return self.fn(x, at)
+
+
+@pytest.fixture(scope="session")
+def recorder():
+    """The class :class:`Recorder`, to wrap a model or field: ``recorder(model).calls``."""
+    return Recorder
+
+
 @pytest.fixture
 def no_torch_fidelity(monkeypatch):
     """As if torch-fidelity were not installed: importing it, or the submodule we use, raises ImportError

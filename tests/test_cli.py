@@ -23,7 +23,7 @@ from ddim_edu.image.pretrained import (
     to_diffusers_state_dict,
 )
 from ddim_edu.schedules import linear_schedule
-from ddim_edu.solvers import ALL_METHODS, sample
+from ddim_edu.solvers import ADAPTIVE, METHODS, SAMPLERS, sample
 from ddim_edu.image.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +137,7 @@ def test_sample_unknown_method_lists_the_valid_ones(tiny_model, tmp_path, capsys
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "unknown method 'dpm++'" in err
-    assert all(name in err for name in ALL_METHODS)
+    assert all(name in err for name in [*SAMPLERS, *METHODS, *ADAPTIVE])
     with pytest.raises(SystemExit):
         run_sample(folder, tmp_path / "x", "--method", "heun", "--eta", "0.5")
     assert "eta applies to the methods ddim; method 'heun' does not take it" in capsys.readouterr().err

@@ -80,17 +80,6 @@ def x_T():
     return torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
-class Counted:
-    """An ε-model ``model(x, t)`` that records the t of each call."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, []
-
-    def __call__(self, x, t):
-        self.calls.append(t)
-        return self.model(x, t)
-
-
 def denoiser(model, sched):
     """k-diffusion's denoiser for an ε-model: D(x̄, σ) = x̄ - σ ε(x̄/sqrt(1 + σ²), t(σ)), t(σ) ours."""
 
@@ -131,7 +120,7 @@ def run_k(name, kwargs, model, sched, x_T, tau, **extra):
 
 @pytest.mark.parametrize("spacing", GRIDS)
 @pytest.mark.parametrize("ours,theirs,kwargs", PAIRS, ids=[p[1] for p in PAIRS])
-def test_matches_k_diffusion(sched, ring, x_T, ours, theirs, kwargs, spacing):
+def test_matches_k_diffusion(recorder, sched, ring, x_T, ours, theirs, kwargs, spacing):
     """Our method vs its k-diffusion sampler: the same x_0 to float64 rounding, the same evaluations.
 
     All of them take the last step, σ(τ_1) → 0, as an Euler step (``final_step="euler"``; for
@@ -141,7 +130,7 @@ def test_matches_k_diffusion(sched, ring, x_T, ours, theirs, kwargs, spacing):
     draw noise, scaled by σ_up = 0; ``sample_dpmpp_2m_sde`` must not draw any).
     """
     tau = sched.timesteps(S, spacing)
-    model_k, model_ours = Counted(ring.eps_model(sched)), Counted(ring.eps_model(sched))
+    model_k, model_ours = recorder(ring.eps_model(sched)), recorder(ring.eps_model(sched))
     theirs_x0 = run_k(theirs, kwargs, model_k, sched, x_T, tau)
     ours_x0 = sample(model_ours, x_T, sched, tau, method=ours)
     torch.testing.assert_close(ours_x0, theirs_x0, **ROUNDING)
@@ -182,7 +171,7 @@ def test_final_step_extrapolate_is_k_diffusion_plus_the_sigma_squared_extrapolat
 @pytest.mark.parametrize("method,theirs", [("euler", "sample_euler"), ("heun", "sample_heun"),
                                            ("dpmpp_2m", "sample_dpmpp_2m")])
 @pytest.mark.parametrize("spacing", ["uniform", "trailing"])
-def test_k_diffusion_denoiser_wrapper_matches_on_integer_grids(sched, ring, x_T, method, theirs, spacing):
+def test_k_diffusion_denoiser_wrapper_matches_on_integer_grids(recorder, sched, ring, x_T, method, theirs, spacing):
     """k-diffusion's own wrapper, ``DiscreteEpsDDPMDenoiser`` on our float64 ᾱ, gives our x_0.
 
     It rebuilds the mapping from ᾱ alone: its σ = sqrt((1 - ᾱ)/ᾱ) table is ours, it feeds the model
@@ -190,7 +179,7 @@ def test_k_diffusion_denoiser_wrapper_matches_on_integer_grids(sched, ring, x_T,
     levels only, where its σ → t (log σ interpolated between table entries) returns our τ.
     """
     tau = sched.timesteps(S, spacing)
-    model = Counted(ring.eps_model(sched))
+    model = recorder(ring.eps_model(sched))
     wrapped = kd_external.DiscreteEpsDDPMDenoiser(model, sched.alphas_cumprod, quantize=False)
     torch.testing.assert_close(wrapped.sigmas, sched.sigma(torch.arange(sched.T, dtype=torch.float64)),
                                rtol=1e-14, atol=0)
@@ -212,7 +201,7 @@ def float64_default():
 
 
 @pytest.mark.parametrize("last_order", [1, 2])
-def test_dpm_solver_3_matches_dpm_fast_with_its_lowered_last_step(sched, ring, x_T, float64_default, last_order):
+def test_dpm_solver_3_matches_dpm_fast_with_its_lowered_last_step(recorder, sched, ring, x_T, float64_default, last_order):
     """Our DPM-Solver-3 (and -2, and Euler) steps are those of k-diffusion's ``sample_dpm_fast``.
 
     Lu et al.'s (2022) DPM-Solver-fast with n = 3j + r evaluations (r = 1, 2) takes j + 1 steps on
@@ -225,7 +214,7 @@ def test_dpm_solver_3_matches_dpm_fast_with_its_lowered_last_step(sched, ring, x
     """
     lo, hi = sched.sigma_range
     n = 3 * (S - 2) + last_order
-    model_k = Counted(ring.eps_model(sched))
+    model_k = recorder(ring.eps_model(sched))
     x_bar = x_T * math.sqrt(1 + hi**2)
     theirs = kd.sample_dpm_fast(denoiser(model_k, sched), x_bar, lo, hi, n, disable=True)
     assert len(model_k.calls) == n
@@ -239,7 +228,7 @@ def test_dpm_solver_3_matches_dpm_fast_with_its_lowered_last_step(sched, ring, x
 
 
 @pytest.mark.parametrize("spacing", GRIDS)
-def test_dpmpp_3m_differs_from_k_diffusion_only_in_start_up_and_d2_weight(sched, ring, x_T, spacing, monkeypatch,
+def test_dpmpp_3m_differs_from_k_diffusion_only_in_start_up_and_d2_weight(recorder, sched, ring, x_T, spacing, monkeypatch,
                                                                           dpmpp_3m_variant):
     """``sample_dpmpp_3m_sde`` (η = 0) is our ``dpmpp_3m`` with the two changes of ``dpmpp_3m_variant``.
 
@@ -249,7 +238,7 @@ def test_dpmpp_3m_differs_from_k_diffusion_only_in_start_up_and_d2_weight(sched,
     2e-6 to 5e-4).
     """
     tau = sched.timesteps(S, spacing)
-    model_k = Counted(ring.eps_model(sched))
+    model_k = recorder(ring.eps_model(sched))
     theirs = run_k("sample_dpmpp_3m_sde", {"eta": 0.0, "noise_sampler": no_noise}, model_k, sched, x_T, tau)
     assert len(model_k.calls) == S
     ours = sample(ring.eps_model(sched), x_T, sched, tau, method="dpmpp_3m")
@@ -258,7 +247,7 @@ def test_dpmpp_3m_differs_from_k_diffusion_only_in_start_up_and_d2_weight(sched,
             name = f"dpmpp_3m_variant_{ddim_start}_{half_d2}"
             monkeypatch.setitem(METHODS, name, solvers.Method(dpmpp_3m_variant(ddim_start, half_d2), 3,
                                                               solvers.no_stages if ddim_start else solvers.dpmpp_3m_stages))
-            model_ours = Counted(ring.eps_model(sched))
+            model_ours = recorder(ring.eps_model(sched))
             variant = sample(model_ours, x_T, sched, tau, method=name)
             assert len(model_ours.calls) == METHODS[name].nfe(S)
             if ddim_start and half_d2:

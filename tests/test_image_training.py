@@ -1,4 +1,5 @@
 """Image trainer: exact resume, Ctrl-C safety, atomic checkpoints, DDP equivalence, sample grids."""
+import dataclasses
 import os
 import socket
 
@@ -10,16 +11,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ddim_edu.image.data import load_offline_images
-from ddim_edu.image.training import (
-    CHECKPOINT_FORMAT,
-    load_checkpoint,
-    make_grid,
-    save_checkpoint,
-    shard_loss,
-    train_image_model,
-)
+from ddim_edu.image.training import make_grid, train_image_model
 from ddim_edu.schedules import linear_schedule
-from ddim_edu.training import simple_loss
+from ddim_edu.training import CHECKPOINT_FORMAT, TrainConfig, load_checkpoint, save_checkpoint, shard_loss, simple_loss
 
 
 class TinyEps(nn.Module):
@@ -45,7 +39,11 @@ def tiny_model(seed=0, dropout=0.1):
 SCHED = linear_schedule()
 DATA = load_offline_images(size=8, n=24, seed=3)
 # small, fast settings; warm-up and EMA decay short enough that every piece of state matters
-FAST = {"batch_size": 4, "lr": 1e-2, "warmup": 3, "ema_decay": 0.5, "grad_clip": 0.5, "progress": False}
+FAST = TrainConfig(batch_size=4, lr=1e-2, warmup=3, ema_decay=0.5, grad_clip=0.5)
+
+
+def fast(steps, **changes):
+    return dataclasses.replace(FAST, steps=steps, **changes)
 
 
 def assert_same_bits(a: nn.Module, b: nn.Module):
@@ -61,7 +59,7 @@ def reference():
 
     tiny_model(0) seeds the global RNG, so dropout draws the same masks in every run that starts there.
     """
-    return train_image_model(tiny_model(0), DATA, SCHED, steps=6, **FAST)
+    return train_image_model(tiny_model(0), DATA, SCHED, fast(6), progress=False)
 
 
 def test_shard_loss_is_simple_loss_on_the_whole_batch():
@@ -73,10 +71,10 @@ def test_shard_loss_is_simple_loss_on_the_whole_batch():
 
 def test_resume_is_bitwise_exact(reference, tmp_path):
     ckpt = tmp_path / "run.pt"
-    first = train_image_model(tiny_model(0), DATA, SCHED, steps=3, checkpoint=ckpt, checkpoint_every=100, **FAST)
+    first = train_image_model(tiny_model(0), DATA, SCHED, fast(3), checkpoint=ckpt, checkpoint_every=100, progress=False)
     assert first.step == 3 and load_checkpoint(ckpt)["step"] == 3
     torch.manual_seed(999)  # scramble the global RNG: the checkpoint must restore it
-    resumed = train_image_model(tiny_model(5), DATA, SCHED, steps=6, checkpoint=ckpt, **FAST)
+    resumed = train_image_model(tiny_model(5), DATA, SCHED, fast(6), checkpoint=ckpt, progress=False)
     assert resumed.step == 6
     assert_same_bits(resumed.model, reference.model)
     assert_same_bits(resumed.ema, reference.ema)
@@ -85,7 +83,7 @@ def test_resume_is_bitwise_exact(reference, tmp_path):
     state = torch.load(ckpt, weights_only=True)
     assert state["format"] == CHECKPOINT_FORMAT and state["step"] == 6 and len(state["losses"]) == 6
     # a finished run resumed to the same length does nothing
-    again = train_image_model(tiny_model(5), DATA, SCHED, steps=6, checkpoint=ckpt, **FAST)
+    again = train_image_model(tiny_model(5), DATA, SCHED, fast(6), checkpoint=ckpt, progress=False)
     assert again.step == 6 and torch.equal(again.losses, reference.losses)
     assert_same_bits(again.ema, reference.ema)
 
@@ -93,9 +91,9 @@ def test_resume_is_bitwise_exact(reference, tmp_path):
 def test_compiled_forward_resumes_into_the_same_run(reference, tmp_path):
     """torch.compile (the cheap "eager" backend, to test the wiring) changes neither the run nor the checkpoint keys."""
     ckpt = tmp_path / "run.pt"
-    train_image_model(tiny_model(0), DATA, SCHED, steps=3, checkpoint=ckpt, compile={"backend": "eager"}, **FAST)
+    train_image_model(tiny_model(0), DATA, SCHED, fast(3), checkpoint=ckpt, compile={"backend": "eager"}, progress=False)
     assert not any("_orig_mod" in k for k in load_checkpoint(ckpt)["model"])
-    resumed = train_image_model(tiny_model(5), DATA, SCHED, steps=6, checkpoint=ckpt, **FAST)
+    resumed = train_image_model(tiny_model(5), DATA, SCHED, fast(6), checkpoint=ckpt, progress=False)
     torch.testing.assert_close(resumed.model.state_dict(), reference.model.state_dict(), rtol=1e-6, atol=1e-7)
 
 
@@ -107,10 +105,11 @@ def test_ctrl_c_between_steps_saves_and_resumes(reference, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_image_model(tiny_model(0), DATA, SCHED, steps=6, checkpoint=ckpt, checkpoint_every=2, callback=interrupt, **FAST)
+        train_image_model(tiny_model(0), DATA, SCHED, fast(6), checkpoint=ckpt, checkpoint_every=2, callback=interrupt,
+                          progress=False)
     assert load_checkpoint(ckpt)["step"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]  # no temporary files left
-    resumed = train_image_model(tiny_model(5), DATA, SCHED, steps=6, checkpoint=ckpt, **FAST)
+    resumed = train_image_model(tiny_model(5), DATA, SCHED, fast(6), checkpoint=ckpt, progress=False)
     assert_same_bits(resumed.model, reference.model)
     assert_same_bits(resumed.ema, reference.ema)
 
@@ -128,10 +127,11 @@ def test_sigterm_is_ctrl_c(reference, tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(KeyboardInterrupt):
-        train_image_model(tiny_model(0), DATA, SCHED, steps=6, checkpoint=ckpt, checkpoint_every=2, callback=terminate, **FAST)
+        train_image_model(tiny_model(0), DATA, SCHED, fast(6), checkpoint=ckpt, checkpoint_every=2, callback=terminate,
+                          progress=False)
     assert signal.getsignal(signal.SIGTERM) is before
     assert load_checkpoint(ckpt)["step"] == 4
-    resumed = train_image_model(tiny_model(5), DATA, SCHED, steps=6, checkpoint=ckpt, **FAST)
+    resumed = train_image_model(tiny_model(5), DATA, SCHED, fast(6), checkpoint=ckpt, progress=False)
     assert_same_bits(resumed.model, reference.model)
 
 
@@ -149,9 +149,9 @@ def test_ctrl_c_inside_a_step_keeps_the_last_checkpoint(reference, tmp_path):
 
     model.forward = forward_then_interrupt
     with pytest.raises(KeyboardInterrupt):
-        train_image_model(model, DATA, SCHED, steps=6, checkpoint=ckpt, checkpoint_every=2, **FAST)
+        train_image_model(model, DATA, SCHED, fast(6), checkpoint=ckpt, checkpoint_every=2, progress=False)
     assert load_checkpoint(ckpt)["step"] == 2
-    resumed = train_image_model(tiny_model(5), DATA, SCHED, steps=6, checkpoint=ckpt, **FAST)
+    resumed = train_image_model(tiny_model(5), DATA, SCHED, fast(6), checkpoint=ckpt, progress=False)
     assert_same_bits(resumed.model, reference.model)
 
 
@@ -174,13 +174,13 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 def test_corrupt_checkpoint_gives_clear_errors(tmp_path):
     ckpt = tmp_path / "run.pt"
-    train_image_model(tiny_model(0), DATA, SCHED, steps=1, checkpoint=ckpt, **FAST)
+    train_image_model(tiny_model(0), DATA, SCHED, fast(1), checkpoint=ckpt, progress=False)
     good = ckpt.read_bytes()
     ckpt.write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_checkpoint(ckpt)
     with pytest.raises(ValueError, match="truncated or corrupt"):  # the trainer does not start from it
-        train_image_model(tiny_model(0), DATA, SCHED, steps=2, checkpoint=ckpt, **FAST)
+        train_image_model(tiny_model(0), DATA, SCHED, fast(2), checkpoint=ckpt, progress=False)
     ckpt.write_bytes(os.urandom(1000))
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_checkpoint(ckpt)
@@ -194,15 +194,15 @@ def test_corrupt_checkpoint_gives_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     ckpt.write_bytes(good)
     with pytest.raises(ValueError, match=r"another architecture .*size mismatch for inp\.weight"):
-        train_image_model(TinyEps(width=4), DATA, SCHED, steps=2, checkpoint=ckpt, **FAST)
+        train_image_model(TinyEps(width=4), DATA, SCHED, fast(2), checkpoint=ckpt, progress=False)
     with pytest.raises(ValueError, match="other settings"):
-        train_image_model(tiny_model(0), DATA, SCHED, steps=2, checkpoint=ckpt, **{**FAST, "batch_size": 8})
-    train_image_model(tiny_model(0), DATA, SCHED, steps=3, checkpoint=ckpt, **FAST)
+        train_image_model(tiny_model(0), DATA, SCHED, fast(2, batch_size=8), checkpoint=ckpt, progress=False)
+    train_image_model(tiny_model(0), DATA, SCHED, fast(3), checkpoint=ckpt, progress=False)
     with pytest.raises(ValueError, match=r"at step 3, past steps=2 \(steps counts from the start"):
-        train_image_model(tiny_model(0), DATA, SCHED, steps=2, checkpoint=ckpt, **FAST)
+        train_image_model(tiny_model(0), DATA, SCHED, fast(2), checkpoint=ckpt, progress=False)
     assert load_checkpoint(ckpt)["step"] == 3  # untouched
     with pytest.raises(ValueError, match="is a folder"):
-        train_image_model(tiny_model(0), DATA, SCHED, steps=2, checkpoint=tmp_path, **FAST)
+        train_image_model(tiny_model(0), DATA, SCHED, fast(2), checkpoint=tmp_path, progress=False)
 
 
 def test_unet_checkpoint_stores_its_config_and_data_must_fit(tmp_path):
@@ -214,20 +214,20 @@ def test_unet_checkpoint_stores_its_config_and_data_must_fit(tmp_path):
     config = UNetConfig(image_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
                         norm_groups=8, dropout=0.0)
     torch.manual_seed(0)
-    result = train_image_model(UNet(config), DATA, SCHED, steps=2, checkpoint=tmp_path / "u.pt", **FAST)
+    result = train_image_model(UNet(config), DATA, SCHED, fast(2), checkpoint=tmp_path / "u.pt", progress=False)
     assert UNetConfig(**load_checkpoint(tmp_path / "u.pt")["unet_config"]) == config
     ema = cli.load_checkpoint_unet(tmp_path / "u.pt")  # no config given
     assert ema.config == config and all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), result.ema.state_dict().values()))
     with pytest.raises(ValueError, match=r"data are images \(3, 8, 8\) but the UNet takes \(3, 16, 16\)"):
         train_image_model(UNet(UNetConfig(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                                          attention_resolutions=(8,), norm_groups=8)), DATA, SCHED, steps=1, **FAST)
+                                          attention_resolutions=(8,), norm_groups=8)), DATA, SCHED, fast(1), progress=False)
 
 
 def test_sample_grids_are_written(tmp_path):
     out = tmp_path / "samples"
     uint8_data = ((DATA + 1) * 127.5).round().to(torch.uint8)  # pixels are accepted as well
-    train_image_model(tiny_model(0), uint8_data, SCHED, steps=3, sample_dir=out, sample_every=2, n_samples=5,
-                      sample_steps=3, **FAST)
+    train_image_model(tiny_model(0), uint8_data, SCHED, fast(3), sample_dir=out, sample_every=2, n_samples=5,
+                      sample_steps=3, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["samples_0000002.png", "samples_0000003.png"]
     img = matplotlib.image.imread(out / "samples_0000003.png")
     assert img.shape[:2] == (3 * 2 + 2 * 8, 4 * 2 + 3 * 8)  # 5 images of 8×8 in 2 rows of 3, padding 2
@@ -243,17 +243,17 @@ def test_make_grid_tiles_images():
 
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="data must be images"):
-        train_image_model(tiny_model(0), DATA[:, 0], SCHED, steps=1, **FAST)
+        train_image_model(tiny_model(0), DATA[:, 0], SCHED, fast(1), progress=False)
     with pytest.raises(ValueError, match="steps must be an int"):
-        train_image_model(tiny_model(0), DATA, SCHED, steps=0, **FAST)
+        train_image_model(tiny_model(0), DATA, SCHED, fast(0), progress=False)
     with pytest.raises(ValueError, match="grad_clip"):
-        train_image_model(tiny_model(0), DATA, SCHED, steps=1, **{**FAST, "grad_clip": -1.0})
+        train_image_model(tiny_model(0), DATA, SCHED, fast(1, grad_clip=-1.0), progress=False)
 
 
 # --- DDP: 2 processes with gloo on the CPU -------------------------------------------------------------
 
 DDP_STEPS = 4
-DDP_SETTINGS = {**FAST, "batch_size": 6}
+DDP_BATCH = 6
 
 
 def _ddp_worker(rank, world, port, folder):
@@ -264,11 +264,12 @@ def _ddp_worker(rank, world, port, folder):
     try:
         # the weights differ on each rank: DDP must broadcast rank 0's
         ckpt = os.path.join(folder, "ddp.pt")
-        train_image_model(tiny_model(rank, dropout=0.0), DATA, SCHED, steps=DDP_STEPS // 2, checkpoint=ckpt, **DDP_SETTINGS)
+        train_image_model(tiny_model(rank, dropout=0.0), DATA, SCHED, fast(DDP_STEPS // 2, batch_size=DDP_BATCH),
+                          checkpoint=ckpt, progress=False)
         # then resume (from new weights) to the end
-        result = train_image_model(tiny_model(rank + 10, dropout=0.0), DATA, SCHED, steps=DDP_STEPS, checkpoint=ckpt,
-                                   sample_dir=os.path.join(folder, f"samples{rank}"), sample_every=100, n_samples=2,
-                                   sample_steps=2, **DDP_SETTINGS)
+        result = train_image_model(tiny_model(rank + 10, dropout=0.0), DATA, SCHED, fast(DDP_STEPS, batch_size=DDP_BATCH),
+                                   checkpoint=ckpt, sample_dir=os.path.join(folder, f"samples{rank}"), sample_every=100,
+                                   n_samples=2, sample_steps=2, progress=False)
         torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(), "losses": result.losses},
                    os.path.join(folder, f"rank{rank}.pt"))
     finally:
@@ -292,7 +293,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert (tmp_path / "samples0").is_dir() and not (tmp_path / "samples1").exists()
     assert load_checkpoint(tmp_path / "ddp.pt")["step"] == DDP_STEPS
 
-    single = train_image_model(tiny_model(0, dropout=0.0), DATA, SCHED, steps=DDP_STEPS, **DDP_SETTINGS)
+    single = train_image_model(tiny_model(0, dropout=0.0), DATA, SCHED, fast(DDP_STEPS, batch_size=DDP_BATCH),
+                               progress=False)
     for part, module in (("model", single.model), ("ema", single.ema)):
         for k, v in module.state_dict().items():
             torch.testing.assert_close(r0[part][k], v, rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
@@ -309,12 +311,13 @@ def _ddp_dropout_worker(rank, world, port, folder):
         masks = []
         model = tiny_model(rank, dropout=0.5)
         model.drop.register_forward_hook(lambda module, inputs, output: masks.append(output == 0))
-        straight = train_image_model(model, DATA, SCHED, steps=DDP_STEPS, checkpoint=os.path.join(folder, "a.pt"),
-                                     **DDP_SETTINGS)
+        straight = train_image_model(model, DATA, SCHED, fast(DDP_STEPS, batch_size=DDP_BATCH),
+                                     checkpoint=os.path.join(folder, "a.pt"), progress=False)
         ckpt = os.path.join(folder, "b.pt")
-        train_image_model(tiny_model(rank, dropout=0.5), DATA, SCHED, steps=DDP_STEPS // 2, checkpoint=ckpt, **DDP_SETTINGS)
-        resumed = train_image_model(tiny_model(rank + 10, dropout=0.5), DATA, SCHED, steps=DDP_STEPS, checkpoint=ckpt,
-                                    **DDP_SETTINGS)
+        train_image_model(tiny_model(rank, dropout=0.5), DATA, SCHED, fast(DDP_STEPS // 2, batch_size=DDP_BATCH),
+                          checkpoint=ckpt, progress=False)
+        resumed = train_image_model(tiny_model(rank + 10, dropout=0.5), DATA, SCHED, fast(DDP_STEPS, batch_size=DDP_BATCH),
+                                    checkpoint=ckpt, progress=False)
         torch.save({"masks": torch.stack(masks), "straight": straight.model.state_dict(),
                     "resumed": resumed.model.state_dict()}, os.path.join(folder, f"rank{rank}.pt"))
     finally:

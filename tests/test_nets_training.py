@@ -8,7 +8,7 @@ from torch import nn
 from ddim_edu.toy.nets import MLPEps, sinusoidal_embedding
 from ddim_edu.schedules import linear_schedule
 from ddim_edu.toy.datasets import eight_gaussians
-from ddim_edu.training import TrainResult, simple_loss, train_eps_model, warmup_cosine
+from ddim_edu.training import TrainConfig, TrainResult, simple_loss, train_eps_model, warmup_cosine
 
 SCHEDULE = linear_schedule()
 
@@ -132,20 +132,21 @@ def test_simple_loss_passes_timestep_indices_and_is_reproducible():
 
 def test_training_is_reproducible_bitwise():
     data = _data()
-    runs = [train_eps_model(_small_model(), data, SCHEDULE, steps=15, batch_size=64, seed=3, progress=False) for _ in range(2)]
+    runs = [train_eps_model(_small_model(), data, SCHEDULE, TrainConfig.toy(steps=15, batch_size=64, seed=3), progress=False)
+            for _ in range(2)]
     for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()):
         assert torch.equal(p, q)
     for p, q in zip(runs[0].ema.parameters(), runs[1].ema.parameters()):
         assert torch.equal(p, q)
     assert torch.equal(runs[0].losses, runs[1].losses)
-    other = train_eps_model(_small_model(), data, SCHEDULE, steps=15, batch_size=64, seed=4, progress=False)
+    other = train_eps_model(_small_model(), data, SCHEDULE, TrainConfig.toy(steps=15, batch_size=64, seed=4), progress=False)
     assert not torch.equal(other.losses, runs[0].losses)
 
 
 def test_loss_decreases_on_eight_gaussians():
     data = _data(4096)
-    result = train_eps_model(_small_model(hidden=64, n_blocks=2), data, SCHEDULE, steps=200, batch_size=128,
-                             lr=3e-3, warmup=20, progress=False)
+    result = train_eps_model(_small_model(hidden=64, n_blocks=2), data, SCHEDULE,
+                             TrainConfig.toy(steps=200, batch_size=128, lr=3e-3, warmup=20), progress=False)
     assert isinstance(result, TrainResult) and result.losses.shape == (200,)
     first, last = result.losses[:20].mean().item(), result.losses[-50:].mean().item()
     assert first > 1.4  # ε_θ starts at 0: loss ≈ d = 2
@@ -161,8 +162,9 @@ def test_ema_follows_the_documented_update():
         weights.append([p.detach().clone() for p in model.parameters()])
 
     model = _small_model()
-    result = train_eps_model(model, _data(), SCHEDULE, steps=6, batch_size=32, lr=1e-2, ema_decay=decay,
-                             warmup=0, progress=False, callback=record)
+    result = train_eps_model(model, _data(), SCHEDULE,
+                             TrainConfig.toy(steps=6, batch_size=32, lr=1e-2, ema_decay=decay, warmup=0),
+                             progress=False, callback=record)
     assert result.model is model and result.ema is not model
     assert not result.ema.training
     # first update copies, later ones θ_ema ← decay θ_ema + (1 − decay) θ
@@ -179,7 +181,7 @@ def test_ema_follows_the_documented_update():
 
 def test_training_in_float64():
     model = _small_model().double()
-    result = train_eps_model(model, _data().double(), SCHEDULE, steps=5, batch_size=16, progress=False)
+    result = train_eps_model(model, _data().double(), SCHEDULE, TrainConfig.toy(steps=5, batch_size=16), progress=False)
     assert next(result.ema.parameters()).dtype == torch.float64
     assert result.losses.dtype == torch.float64 and bool(torch.isfinite(result.losses).all())
 
@@ -207,13 +209,14 @@ def test_warmup_cosine_schedule():
 )
 def test_bad_training_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        train_eps_model(_small_model(), _data(), SCHEDULE, progress=False, **kwargs)
+        train_eps_model(_small_model(), _data(), SCHEDULE, TrainConfig.toy(**kwargs), progress=False)
 
 
 def test_bad_training_data_and_model():
     with pytest.raises(ValueError, match="data"):
-        train_eps_model(_small_model(), torch.zeros(10), SCHEDULE, steps=1, progress=False)
+        train_eps_model(_small_model(), torch.zeros(10), SCHEDULE, TrainConfig.toy(steps=1), progress=False)
     with pytest.raises(ValueError, match="data"):
-        train_eps_model(_small_model(), torch.zeros(10, 2, dtype=torch.long), SCHEDULE, steps=1, progress=False)
+        train_eps_model(_small_model(), torch.zeros(10, 2, dtype=torch.long), SCHEDULE, TrainConfig.toy(steps=1),
+                        progress=False)
     with pytest.raises(ValueError, match="model"):
-        train_eps_model(lambda x, t: x, _data(), SCHEDULE, steps=1, progress=False)
+        train_eps_model(lambda x, t: x, _data(), SCHEDULE, TrainConfig.toy(steps=1), progress=False)

@@ -281,20 +281,9 @@ def test_sigma_polynomial_weights_integrate_polynomials_exactly():
 # --- the step protocol ------------------------------------------------------------------------------
 
 
-class Recorder:
-    """A field ε(x̄, σ) that records where it is evaluated."""
-
-    def __init__(self, field):
-        self.field, self.levels = field, []
-
-    def __call__(self, x, s):
-        self.levels.append(s)
-        return self.field(x, s)
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("spacing, S", [("trailing", 7), ("karras", 5), ("logsnr", 2), ("trailing", 1)])
-def test_methods_evaluate_where_they_declare(sched, ring, method, spacing, S):
+def test_methods_evaluate_where_they_declare(sched, ring, recorder, method, spacing, S):
     """Method.levels lists every evaluation a solve makes, in order (the diffusers adapter and EpsField rely on
     it), Method.nfe counts them, and every method runs down to one timestep (its one step is Euler's, DDIM's)."""
     if S == 1:
@@ -302,11 +291,11 @@ def test_methods_evaluate_where_they_declare(sched, ring, method, spacing, S):
     else:
         tau = sched.timesteps(S, spacing)
     grid = [*sched.sigma(tau).flip(0).tolist(), 0.0]
-    recorder = Recorder(EpsField(ring.eps_model(sched), sched))
+    field = recorder(EpsField(ring.eps_model(sched), sched))
     x_bar = x_T(16) * math.sqrt(1 + grid[0] ** 2)
-    out = integrate(recorder, x_bar, grid, method)
-    assert recorder.levels == METHODS[method].levels(grid)
-    assert len(recorder.levels) == METHODS[method].nfe(len(tau))
+    out = integrate(field, x_bar, grid, method)
+    assert field.calls == METHODS[method].levels(grid)
+    assert len(field.calls) == METHODS[method].nfe(len(tau))
     if S == 1:
         torch.testing.assert_close(out / math.sqrt(1 + 0.0), sample(ring.eps_model(sched), x_T(16), sched, tau, "ddim"),
                                    rtol=1e-12, atol=1e-12)

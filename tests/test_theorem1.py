@@ -132,7 +132,7 @@ def test_sigma_zero_is_rejected(sched, sigma_1):
 def test_theorem1_for_untrained_and_trained_networks(sched, sigma_1):
     """The same constant C for two real networks (random and trained with L_1) and the exact ε."""
     from ddim_edu.toy.nets import MLPEps
-    from ddim_edu.training import train_eps_model
+    from ddim_edu.training import TrainConfig, train_eps_model
 
     data = GaussianMixture.ring(K=8, radius=1.0, std=0.05)
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def test_theorem1_for_untrained_and_trained_networks(sched, sigma_1):
     torch.nn.init.normal_(untrained.out[1].weight, std=0.5)  # the output layer starts at zero otherwise
     trained = MLPEps(dim=2, hidden=64, n_blocks=2).double()
     train_eps_model(trained, data.sample(20000, generator=torch.Generator().manual_seed(1)), sched,
-                    steps=300, batch_size=256, progress=False)
+                    TrainConfig.toy(steps=300, batch_size=256), progress=False)
     models = {"untrained": untrained.eval(), "trained": trained.eval(), "exact": data.eps_model(sched)}
     eta = 1.0
     sig = sigmas_for_eta(sched, eta, sigma_1)

@@ -67,7 +67,7 @@ def load_weights_only(path):
             raise ValueError(f"{path} pickles {refused[0]}, not only tensors and plain containers; it is not "
                              "unpickled here, since unpickling can run code. Save state_dict()s instead") from None
         raise ValueError(f"{path} cannot be read: it is truncated or corrupt, or not a torch file") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as e:  # what damaged bytes raise in torch.load
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0]) if str(e) else "it ends early"
         raise ValueError(f"{path} cannot be read: it is truncated or corrupt ({type(e).__name__}: {reason})") from None
 
