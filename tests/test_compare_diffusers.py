@@ -30,7 +30,7 @@ def test_ddim_matches_diffusers_step_by_step(S, eta):
     sched = linear_schedule()
     model = GaussianMixture.ring().eps_model(sched)
     x = torch.randn(128, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ours = sample(model, x, sched, sched.timesteps(S, "uniform"), eta=eta,
+    ours = sample(model, x, sched, sched.timesteps(S, "leading"), eta=eta,
                   generator=torch.Generator().manual_seed(1), return_trajectory=True)
     # Our sampler draws one noise tensor per step with σ > 0 (every step but the last when η > 0).
     gen = torch.Generator().manual_seed(1)
