@@ -43,10 +43,13 @@ __all__ = [
     "CIFAR10_PYTHON_FOLDER",
     "CIFAR10_PYTHON_URL",
     "CIFAR10_URL",
+    "DIGITS_HELDOUT_EVERY",
+    "DIGITS_SPLITS",
     "OFFLINE_PHOTO_FILE",
     "extract_cifar10",
     "float_to_pixels",
     "load_cifar10",
+    "load_digits",
     "load_offline_images",
     "load_offline_photo",
     "locate_cifar10",
@@ -348,6 +351,48 @@ def extract_cifar10(archive, dest) -> Path:
                 tmp.unlink(missing_ok=True)
                 raise
     return out_dir
+
+
+# --- handwritten digits: real images that ship with scikit-learn ----------------------------------------
+
+DIGITS_SPLITS = ("train", "heldout", "all")
+DIGITS_HELDOUT_EVERY = 5  # of each class, in the data set's order, every 5th image is held out (20 %)
+
+
+def load_digits(split: str = "train") -> tuple[Tensor, Tensor]:
+    """scikit-learn's handwritten digits as (images float32 [N, 1, 8, 8] in [-1, 1], labels int64 [N]).
+
+    The data are the 1,797 8×8 grayscale scans of the UCI ML repository's optical recognition
+    data set (Alpaydin & Kaynak, 1998), bundled inside the scikit-learn wheel, so nothing is
+    downloaded. Their intensities are the integers 0..16 (a 4×4-pixel count of each block of the
+    original 32×32 bitmaps); they map linearly to [-1, 1] as ``x / 8 - 1`` at the native 8×8: no
+    resizing, which would invent pixels that a metric could then reward.
+
+    ``split``: ``"train"`` (1,442 images), ``"heldout"`` (355) or ``"all"``. The split is fixed and
+    uses no random numbers: of each class, in the data set's order, every
+    ``DIGITS_HELDOUT_EVERY``-th image is held out, so both parts have the classes' proportions.
+    Needs scikit-learn (``pip install scikit-learn``, or the ``digits`` extra).
+    """
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"split must be one of {DIGITS_SPLITS}, got {split!r}")
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as err:
+        raise ImportError('the digits need scikit-learn, which ships them: pip install scikit-learn '
+                          '(or pip install -e ".[digits]")') from err
+    bunch = sklearn_digits()
+    images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32)).reshape(-1, 1, 8, 8)
+    labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    if images.shape != (1797, 1, 8, 8) or float(images.min()) < 0 or float(images.max()) > 16:
+        raise ValueError(f"scikit-learn's digits are not the expected 1,797 images of 8×8 intensities 0..16, got "
+                         f"{tuple(images.shape)} in [{float(images.min())}, {float(images.max())}]")
+    rank = torch.zeros_like(labels)  # the position of each image among those of its class
+    for k in range(10):
+        members = torch.nonzero(labels == k).flatten()
+        rank[members] = torch.arange(len(members))
+    heldout = rank % DIGITS_HELDOUT_EVERY == DIGITS_HELDOUT_EVERY - 1
+    keep = {"train": ~heldout, "heldout": heldout, "all": torch.ones_like(heldout)}[split]
+    return images[keep] / 8 - 1, labels[keep]
 
 
 # --- a small set of real images that works offline -------------------------------------------------
