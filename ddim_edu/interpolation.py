@@ -17,10 +17,14 @@ def slerp(x0: Tensor, x1: Tensor, weight) -> Tensor:
     orthogonal with norm ≈ sqrt(d), and slerp keeps the norm there, where linear interpolation
     would shrink it by up to 1/sqrt(2).
     """
+    for name, x in (("x0", x0), ("x1", x1)):
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
+            raise ValueError(f"{name} must be a floating-point batch of latents [B, ...], got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
     w = torch.as_tensor(weight, dtype=torch.float64)
-    if bool(((w < 0) | (w > 1)).any()):
+    if bool(((w < 0) | (w > 1) | torch.isnan(w)).any()):
         raise ValueError(f"weight must lie in [0, 1], got {w.tolist()}")
     a, b = x0.flatten(1).double(), x1.flatten(1).double()
     norms = a.norm(dim=1) * b.norm(dim=1)

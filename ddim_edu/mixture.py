@@ -29,15 +29,19 @@ class GaussianMixture:
         if self.means.ndim != 2:
             raise ValueError(f"means must have shape [K, d], got {tuple(self.means.shape)}")
         K, d = self.means.shape
+        if K == 0 or d == 0:
+            raise ValueError(f"a mixture needs at least one component of dimension >= 1, got means of shape {(K, d)}")
+        if not bool(torch.isfinite(self.means).all()):
+            raise ValueError("means must be finite (no NaN or inf)")
         stds = torch.as_tensor(stds, dtype=torch.float64)
         if stds.ndim <= 1:
             stds = stds.reshape(-1, 1).expand(K, d) if stds.numel() in (1, K) else stds
-        if stds.shape != (K, d) or not bool((stds > 0).all()):
-            raise ValueError(f"stds must be positive with shape [K] or [K, d] = [{K}, {d}], got {tuple(stds.shape)}")
+        if stds.shape != (K, d) or not bool(((stds > 0) & torch.isfinite(stds)).all()):
+            raise ValueError(f"stds must be positive and finite with shape [K] or [K, d] = [{K}, {d}], got {tuple(stds.shape)}")
         self.stds = stds.clone()
         w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        if w.shape != (K,) or not bool((w > 0).all()):
-            raise ValueError(f"weights must be positive with shape [K] = [{K}], got {tuple(w.shape)}")
+        if w.shape != (K,) or not bool(((w > 0) & torch.isfinite(w)).all()):
+            raise ValueError(f"weights must be positive and finite with shape [K] = [{K}], got {tuple(w.shape)}")
         self.weights = w / w.sum()
 
     @classmethod
@@ -108,6 +112,8 @@ class GaussianMixture:
 
         def model(x: Tensor, t: Tensor) -> Tensor:
             t = t.to(torch.float64)
+            if len(t) == 0:
+                return torch.zeros_like(x)
             if bool((t == t[0]).all()):  # one noise level for the batch (a sampler's step): scalar ᾱ is cheaper
                 t = t[0]
             return self.eps(x, schedule.alpha_bar(t).to(x.device))

@@ -34,13 +34,20 @@ class Schedule:
     """
 
     def __init__(self, betas: Tensor):
-        betas = torch.as_tensor(betas, dtype=torch.float64)
+        try:
+            betas = torch.as_tensor(betas, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"betas must be a 1-D sequence of numbers in (0, 1), got {type(betas).__name__}") from err
         if betas.ndim != 1 or len(betas) < 2:
             raise ValueError(f"betas must be a 1-D sequence of length >= 2, got shape {tuple(betas.shape)}")
         if not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must lie in (0, 1); got values outside that range")
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if not self.alphas_cumprod[-1] > 0:
+            first = int(torch.nonzero(self.alphas_cumprod == 0)[0])
+            raise ValueError(f"ᾱ underflows to 0 at timestep {first} (the β are too large for T = {len(betas)} in float64): "
+                             "σ and the model's inputs would be infinite there; use smaller β or a shorter schedule")
         # log ᾱ at the knots t = -1, 0, …, T-1 (knot -1 is α_0 = 1).
         self._log_alpha_knots = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(self.alphas_cumprod)])
 
@@ -72,6 +79,8 @@ class Schedule:
     def t_from_log_alpha_bar(self, log_alpha) -> Tensor:
         """Inverse of :meth:`log_alpha_bar`: the float timestep at which ``log ᾱ`` takes a value."""
         log_alpha = torch.as_tensor(log_alpha, dtype=torch.float64)
+        if bool(torch.isnan(log_alpha).any()):
+            raise ValueError("log ᾱ (or σ) must not be NaN")
         knots = -self._log_alpha_knots.to(log_alpha.device)  # increasing
         y = -log_alpha
         top = knots[-1]
@@ -95,8 +104,8 @@ class Schedule:
     def t_from_sigma(self, sigma) -> Tensor:
         """Inverse of :meth:`sigma`: the float timestep with ``σ(t) = sigma``."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        if bool((sigma < 0).any()):
-            raise ValueError(f"sigma must be >= 0, got min {sigma.min().item()}")
+        if bool((sigma < 0).any()) or bool(torch.isnan(sigma).any()):
+            raise ValueError(f"sigma must be a number >= 0, got {sigma.min().item() if not torch.isnan(sigma).any() else 'NaN'}")
         return self.t_from_log_alpha_bar(-torch.log1p(sigma**2))
 
     @property

@@ -51,6 +51,7 @@ __all__ = [
     "Method",
     "SAMPLERS",
     "answer",
+    "check_model",
     "check_options",
     "dpm_solver_2_step",
     "dpm_solver_3_stages",
@@ -399,6 +400,14 @@ METHOD_GROUPS = {  # the names by family (METHODS as it stands: a method registe
 FINAL_STEPS = {"euler": 1, "extrapolate": 2}
 
 
+def check_model(model, schedule) -> None:
+    """Refuse a model that cannot be called and a schedule that is not a :class:`Schedule`."""
+    if not callable(model):
+        raise ValueError(f"model must be a callable model(x, t) -> ε (see ddim_edu.model), got {type(model).__name__}")
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a ddim_edu.schedules.Schedule (e.g. linear_schedule()), got {type(schedule).__name__}")
+
+
 def method_listing() -> str:
     """The valid method names, by family."""
     return "; ".join(f"{group}: {', '.join(names)}" for group, names in METHOD_GROUPS.items())
@@ -593,6 +602,7 @@ def sample(
     checking x_T and every ε, and FloatingPointError names the first timestep where ε was not finite.
     """
     check_x(x_T)
+    check_model(model, schedule)
     tau = schedule.check_timesteps(timesteps)
     check_options(method, len(tau), eta=eta, clip_x0=clip_x0, final_step=final_step, rtol=rtol, atol=atol,
                   return_trajectory=return_trajectory)
@@ -676,6 +686,7 @@ def encode(model: Model, x0: Tensor, schedule: Schedule, timesteps, method: str 
     back to x_0 up to the discretisation error of those steps.
     """
     check_x(x0, "x0")
+    check_model(model, schedule)
     if method not in METHODS:
         raise ValueError(f"method must be one of the ODE methods {sorted(METHODS)}, got {method!r}")
     if not isinstance(max_iterations, int) or isinstance(max_iterations, bool) or max_iterations < 1:

@@ -52,6 +52,11 @@ def sigmas_for_eta(schedule: Schedule, eta: float, sigma_1: float) -> Tensor:
     alpha, alpha_prev = schedule.step_alphas(torch.arange(schedule.T))
     sigmas = sigma_eta(alpha, alpha_prev, eta)
     sigmas[0] = sigma_1
+    # Eq 7 needs σ_t² <= 1 - α_{t-1} for t >= 2; σ_t(η) = η σ_t(1), so η is bounded by the tightest t.
+    eta_max = torch.sqrt((1 - alpha_prev[1:]) / sigma_eta(alpha[1:], alpha_prev[1:], 1.0) ** 2).min().item()
+    if eta > eta_max:
+        raise ValueError(f"eta={eta!r} makes σ_t² > 1 - α_(t-1) for some t >= 2, where Eq 7 has no real solution; "
+                         f"the largest η for this schedule is {eta_max:.6g}")
     return sigmas
 
 
@@ -59,7 +64,7 @@ def gamma_exact(schedule: Schedule, sigmas: Tensor) -> Tensor:
     """The exact weights γ_t (t = 1..T, float64 [T]) with J_σ = L_γ + C."""
     sigmas = _check_sigmas(schedule, sigmas)
     alpha, alpha_prev = schedule.step_alphas(torch.arange(schedule.T))
-    c = alpha_prev.sqrt() - torch.sqrt((1 - alpha_prev - sigmas**2).clamp(min=0)) * torch.sqrt(alpha / (1 - alpha))
+    c = alpha_prev.sqrt() - torch.sqrt(1 - alpha_prev - sigmas**2) * torch.sqrt(alpha / (1 - alpha))  # t >= 2 (checked)
     gamma = c**2 * (1 - alpha) / (2 * sigmas**2 * alpha)
     gamma[0] = (1 - alpha[0]) / (2 * sigmas[0] ** 2 * alpha[0])
     return gamma
@@ -98,6 +103,7 @@ def j_sigma_samples(
     Each sample is KL_T + Σ_{t≥2} KL_t + (-log p_θ^{(1)}(x_0|x_1)) along one trajectory, with every
     KL computed in closed form given (x_t, x_0). ``x0`` is [n, d] float64.
     """
+    _check_x0(x0)
     sigmas = sigmas_for_eta(schedule, eta, sigma_1)
     traj = sample_q_sigma_joint(x0, schedule, torch.arange(schedule.T), eta, generator=generator)  # x_t at t-1
     total = _prior_kl(schedule, x0)
@@ -111,6 +117,7 @@ def l_gamma_samples(
     model: Model, x0: Tensor, schedule: Schedule, gamma: Tensor, *, generator: torch.Generator | None = None
 ) -> Tensor:
     """Per-x_0 Monte-Carlo samples of L_γ (Eq 5) [n]: Σ_t γ_t ‖ε_θ(x_t, t) - ε_t‖², a fresh ε_t for every t."""
+    _check_x0(x0)
     gamma = _check_gamma(schedule, gamma)
     noise = torch.randn((schedule.T, *x0.shape), generator=generator, dtype=x0.dtype)
     total = torch.zeros(len(x0), dtype=torch.float64)
@@ -223,6 +230,12 @@ def _check_gamma(schedule: Schedule, gamma) -> Tensor:
     return gamma
 
 
+def _check_x0(x0) -> None:
+    if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.ndim != 2 or len(x0) == 0:
+        raise ValueError(f"x0 must be a floating-point tensor of data points [n, d] with n >= 1 (float64 for the "
+                         f"closed forms), got {getattr(x0, 'dtype', type(x0).__name__)} {tuple(getattr(x0, 'shape', ()))}")
+
+
 def _check_sigmas(schedule: Schedule, sigmas: Tensor) -> Tensor:
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     if sigmas.shape != (schedule.T,):
@@ -233,4 +246,9 @@ def _check_sigmas(schedule: Schedule, sigmas: Tensor) -> Tensor:
             f"Theorem 1 needs σ_t > 0 for every t; sigmas is <= 0 at t = {(bad + 1).tolist()[:5]} "
             "(paper time; the η-family has σ_1 = 0 since α_0 = 1: use sigmas_for_eta with sigma_1 > 0)"
         )
+    _, alpha_prev = schedule.step_alphas(torch.arange(schedule.T))
+    over = torch.nonzero(sigmas[1:] ** 2 > (1 - alpha_prev[1:]) * (1 + 1e-12)).flatten()
+    if len(over):  # Eq 7 (t >= 2; p_θ^(1) is a Gaussian of its own) needs σ_t² <= 1 - α_(t-1)
+        raise ValueError(f"sigmas too large: Eq 7 needs σ_t² <= 1 - α_(t-1), violated at t = {(over + 2).tolist()[:5]} "
+                         "(paper time); for the η-family use sigmas_for_eta, which says the largest η")
     return sigmas
