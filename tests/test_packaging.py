@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
+from ddim_edu.evaluation.digits import CLASSIFIER_FILE
 from ddim_edu.image.data import OFFLINE_PHOTO_FILE, load_offline_images
 from ddim_edu.toy.datasets import DATASETS, load_frozen
 from ddim_edu.utils.package_data import DATA_PACKAGE, package_file
@@ -29,7 +30,7 @@ from ddim_edu.utils.package_data import DATA_PACKAGE, package_file
 ROOT = Path(__file__).resolve().parents[1]
 # What the build reads: the project file, the README its metadata names, the sources and the data folder.
 BUILD_INPUTS = ("pyproject.toml", "README.md", "ddim_edu", "toy_data")
-DATA_FILES = (*[f"{name}.csv" for name in DATASETS], OFFLINE_PHOTO_FILE)
+DATA_FILES = (*[f"{name}.csv" for name in DATASETS], OFFLINE_PHOTO_FILE, CLASSIFIER_FILE)
 DATA_DIR_IN_WHEEL = DATA_PACKAGE.replace(".", "/")
 DEMO_FILES = ("samples.png", "table1_toy.png", "table1_toy.md", "table1_toy.csv")
 

@@ -1,3 +1,4 @@
-"""Evaluation: distances between point clouds and the Fréchet Inception Distance for images."""
+"""Evaluation: distances between point clouds, the Fréchet Inception Distance for images, and distances
+between sets of digits in a digits classifier's features."""
 
-__all__ = ["fid", "metrics"]
+__all__ = ["digits", "fid", "metrics"]
