@@ -54,10 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("sample", help="sample images from a pretrained or trained UNet (resumable)",
-                       description="Sample images into --out: samples.npz (uint8 [N, H, W, 3], key 'images'), grid.png, "
+                       description="Sample images into --out: samples.npz (uint8 [N, H, W, C], key 'images'; C = 3 RGB, "
+                                   "1 grey), grid.png, "
                                    "and per-batch shards so that a rerun with the same arguments resumes.")
     which = s.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="a diffusers-layout folder, a state-dict file, or a Hugging Face name "
+    which.add_argument("--model", help="a model that ships with the package (digits: a small UNet of scikit-learn's 8×8 "
+                                       "digits, grey), a diffusers-layout folder, a state-dict file, or a Hugging Face name "
                                        "(e.g. google/ddpm-cifar10-32: a local folder of that name, else the Hugging Face cache)")
     which.add_argument("--checkpoint", help="a checkpoint of ddim_edu.image_training (its EMA weights, see --weights)")
     s.add_argument("--weights", default="ema", choices=CHECKPOINT_WEIGHTS,

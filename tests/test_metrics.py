@@ -6,7 +6,7 @@ import scipy.stats
 import torch
 
 from ddim_edu.evaluation import metrics
-from ddim_edu.evaluation.metrics import energy_distance, mmd_rbf, sliced_wasserstein
+from ddim_edu.evaluation.metrics import energy_distance, mmd_rbf, nearest_neighbour_distances, sliced_wasserstein
 
 
 def _normal(n, d, seed, shift=0.0):
@@ -154,6 +154,25 @@ def test_mmd_is_float64_and_chunked():
     x64, y64 = x.double(), y.double()
     k = lambda a, b: torch.exp(-torch.cdist(a, b) ** 2 / 0.5).mean()  # noqa: E731
     assert out.item() == pytest.approx((k(x64, x64) + k(y64, y64) - 2 * k(x64, y64)).item(), rel=1e-9)
+
+
+# --- nearest-neighbour distances ---------------------------------------------------------
+
+def test_nearest_neighbour_distances_tiny_exact_case():
+    reference = torch.tensor([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0]])
+    x = torch.tensor([[0.0, 0.0], [6.0, 8.0], [10.0, 2.0], [-3.0, -4.0], [3.0, 4.0]])
+    expected = [0.0, 5.0, 2.0, 5.0, 0.0]  # a copy, 3-4-5 triangles, a plain offset
+    for chunk in (1, 2, 5, 1024):
+        out = nearest_neighbour_distances(x, reference, chunk=chunk)
+        assert out.dtype == torch.float64 and out.tolist() == expected
+    # images are flattened per example: [n, C, H, W] against [m, C, H, W]
+    images, ref = torch.zeros(2, 1, 2, 2), torch.zeros(3, 1, 2, 2)
+    images[1, 0, 1, 1], ref[2, 0, 0, 0] = 2.0, 1.0
+    assert nearest_neighbour_distances(images, ref).tolist() == [0.0, 2.0]
+    with pytest.raises(ValueError, match="same dimension"):
+        nearest_neighbour_distances(images, torch.zeros(3, 1, 3, 3))
+    with pytest.raises(ValueError, match="chunk"):
+        nearest_neighbour_distances(x, reference, chunk=0)
 
 
 # --- bad input ----------------------------------------------------------------------------

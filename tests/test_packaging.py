@@ -24,13 +24,15 @@ from packaging.version import Version
 
 from ddim_edu.evaluation.digits import CLASSIFIER_FILE
 from ddim_edu.image.data import OFFLINE_PHOTO_FILE, load_offline_images
+from ddim_edu.image.pretrained import NAMED_MODELS, load_unet
 from ddim_edu.toy.datasets import DATASETS, load_frozen
 from ddim_edu.utils.package_data import DATA_PACKAGE, package_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the build reads: the project file, the README its metadata names, the sources and the data folder.
 BUILD_INPUTS = ("pyproject.toml", "README.md", "ddim_edu", "toy_data")
-DATA_FILES = (*[f"{name}.csv" for name in DATASETS], OFFLINE_PHOTO_FILE, CLASSIFIER_FILE)
+DATA_FILES = (*[f"{name}.csv" for name in DATASETS], OFFLINE_PHOTO_FILE, CLASSIFIER_FILE,
+              *[f for files in NAMED_MODELS.values() for f in files])
 DATA_DIR_IN_WHEEL = DATA_PACKAGE.replace(".", "/")
 DEMO_FILES = ("samples.png", "table1_toy.png", "table1_toy.md", "table1_toy.csv")
 
@@ -43,24 +45,28 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_"
     "PIP_NO_INPUT": "1",
 }
 
-# Run in the fresh environment: where everything was imported from, and what the two loaders return.
+# Run in the fresh environment: where everything was imported from, and what the loaders return.
 CHECK = """
 import json, sys
 import ddim_edu, ddim_edu.toy_data
 from ddim_edu.image.data import load_offline_images
+from ddim_edu.image.pretrained import load_unet
 from ddim_edu.toy.datasets import DATASETS, load_frozen
 from ddim_edu.utils.package_data import package_file
 
 frozen = {name: load_frozen(name) for name in DATASETS}
 images = load_offline_images(size=8, n=4)
+digits = load_unet("digits")
 print(json.dumps({
     "ddim_edu": ddim_edu.__file__,
     "toy_data": ddim_edu.toy_data.__file__,
     "photo": str(package_file("grace_hopper_half.npz")),
+    "digits_unet": str(package_file("digits_unet.safetensors")),
     "editable": sorted(m for m in sys.modules if m.startswith("__editable__"))
                 + [repr(f) for f in sys.meta_path if "__editable__" in getattr(f, "__module__", "")],
     "frozen": {name: [list(x.shape), x.double().sum().item()] for name, x in frozen.items()},
     "images": [list(images.shape), images.double().sum().item()],
+    "digits": sum(p.double().sum().item() for p in digits.parameters()),
 }))
 """
 
@@ -148,7 +154,7 @@ def test_wheel_install_finds_the_data_outside_the_repository(built, tmp_path):
 
     found = json.loads(_run([python, "-c", CHECK], cwd=work).stdout.strip().splitlines()[-1])
     assert found["editable"] == [], f"the editable install's finder is active in the fresh environment: {found['editable']}"
-    for key in ("ddim_edu", "toy_data", "photo"):
+    for key in ("ddim_edu", "toy_data", "photo", "digits_unet"):
         assert _inside(found[key], venv) and not _inside(found[key], ROOT), f"{key} came from {found[key]}, not the wheel"
     for name in DATASETS:
         expected = load_frozen(name).double()
@@ -157,6 +163,7 @@ def test_wheel_install_finds_the_data_outside_the_repository(built, tmp_path):
     images = load_offline_images(size=8, n=4).double()
     assert found["images"][0] == list(images.shape) == [4, 3, 8, 8]
     assert found["images"][1] == pytest.approx(images.sum().item(), abs=1e-6)
+    assert found["digits"] == sum(p.double().sum().item() for p in load_unet("digits").parameters())
 
     out = tmp_path / "demo"
     _run([python, "-m", "ddim_edu.demo", "--fast", "--n-samples", "200", "--out", out], cwd=work)

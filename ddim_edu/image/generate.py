@@ -5,8 +5,8 @@ Images are drawn from a :class:`~ddim_edu.image.unet.UNet` with any method of
 CIFAR-10 model). ``python -m ddim_edu sample`` is this function behind argument parsing. It writes
 into ``out``:
 
-- ``samples.npz``: the images as uint8 ``[N, H, W, C]`` under the key ``"images"``, the layout
-  FID tools read;
+- ``samples.npz``: the images as uint8 ``[N, H, W, C]`` under the key ``"images"`` (C = 3 for RGB,
+  1 for grey models such as ``load_unet("digits")``), the layout FID tools read;
 - ``grid.png``: the first images side by side;
 - ``manifest.json``: the arguments that define the samples (and a SHA-256 of the weights);
 - ``shards/batch_00012.npz``: each finished batch, written atomically (temporary file, then
@@ -94,12 +94,17 @@ def step_generator(seed: int, batch: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(seed, _STREAM_STEPS, batch))
 
 
-def load_images(path) -> np.ndarray:
-    """uint8 images [N, H, W, 3] from an ``.npz`` (key ``"images"``, or its only array, e.g. ``arr_0``)."""
+def load_images(path, *, channels: Sequence[int] = (3,), min_images: int = 2) -> np.ndarray:
+    """uint8 images [N, H, W, C] from an ``.npz`` (key ``"images"``, or its only array, e.g. ``arr_0``).
+
+    By default RGB (C = 3) and at least 2 images, what FID needs; :func:`generate` reads back its own
+    samples with ``channels=(C,)`` of its model (1 for grey digits) and ``min_images=1``.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    layout = "an .npz of uint8 images [N, H, W, 3] under the key 'images' (numpy.savez(path, images=...))"
+    shape = f"[N, H, W, {' or '.join(str(c) for c in channels)}]"
+    layout = f"an .npz of uint8 images {shape} under the key 'images' (numpy.savez(path, images=...))"
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:  # numpy's own advice (allow_pickle) does not apply here
@@ -116,8 +121,9 @@ def load_images(path) -> np.ndarray:
             images = npz[key]
         except (OSError, ValueError) as e:  # e.g. an object array, which would need unpickling
             raise ValueError(f"{path} is not an .npz file of plain arrays ({type(e).__name__}); expected {layout}") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) < 2:
-        raise ValueError(f"{path}: expected at least 2 uint8 RGB images [N, H, W, 3], got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in channels or len(images) < min_images:
+        kind = {(3,): "RGB ", (1,): "grey "}.get(tuple(channels), "")
+        raise ValueError(f"{path}: expected at least {min_images} uint8 {kind}images {shape}, got {images.dtype} {images.shape}")
     return images
 
 
@@ -244,7 +250,8 @@ def generate(
     num_batches = math.ceil(num_images / batch_size)
     if samples.is_file() and not (out / "shards").is_dir():  # finished earlier, shards removed
         if grid:
-            save_png(tile(load_images(samples)[:grid]), out / "grid.png")
+            images = load_images(samples, channels=(model.config.in_channels,), min_images=1)
+            save_png(tile(images[:grid]), out / "grid.png")
         return samples
 
     config = model.config

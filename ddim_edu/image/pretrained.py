@@ -42,6 +42,11 @@ listing all of them, and a corrupt file raises it too. Only safetensors files an
 
 3. **ours**: ``torch.save(unet.state_dict(), path)`` or ``safetensors.torch.save_file``, read the same way.
 
+Models that ship inside the package are loaded by name: :data:`NAMED_MODELS` maps each name to its
+safetensors weights and the JSON holding its UNetConfig, files of ``toy_data/`` (the package data
+``ddim_edu.toy_data``). ``load_unet("digits")`` is a 1.0M-parameter UNet trained on scikit-learn's
+8×8 digits (``toy_data/make_digits_unet.py`` made it; ``toy_data/README.md`` says how).
+
 ``safetensors`` is a dependency of the package; ``huggingface_hub`` (the ``hub`` extra; diffusers
 installs it too) is needed only for ``download=True`` and to look in the Hugging Face cache.
 """
@@ -55,11 +60,13 @@ from pathlib import Path
 from torch import Tensor
 
 from ..utils.files import load_weights_only
+from ..utils.package_data import package_file
 from .unet import UNet, UNetConfig
 
 __all__ = [
     "CONFIG_NAME",
     "CheckpointError",
+    "NAMED_MODELS",
     "WEIGHTS_NAMES",
     "config_from_diffusers",
     "diffusers_config",
@@ -98,6 +105,12 @@ _DEPRECATED_ATTN = re.compile(r"(attentions\.\d+)\.(query|key|value|proj_attn)\.
 _DEPRECATED_NEW = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _ATTN_WEIGHT = re.compile(r"(^|\.)(attn\.\d+|attn_1)\.(q|k|v|proj_out)\.weight$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+#: The models that ship with the package: name -> (safetensors weights, JSON whose "unet_config" holds the
+#: UNetConfig fields), both files of toy_data/ (the package data ddim_edu.toy_data).
+NAMED_MODELS = {
+    "digits": ("digits_unet.safetensors", "digits_unet.json"),  # scikit-learn's 8×8 digits, 1 channel; toy_data/make_digits_unet.py
+}
 
 
 class CheckpointError(ValueError):
@@ -181,7 +194,8 @@ def config_from_diffusers(cfg: Mapping) -> UNetConfig:
 
 
 def read_unet_config(path) -> UNetConfig:
-    """A :class:`UNetConfig` from a JSON file: a diffusers ``config.json`` or the fields of UNetConfig."""
+    """A :class:`UNetConfig` from a JSON file: a diffusers ``config.json``, the fields of UNetConfig, or an object
+    holding them under ``"unet_config"`` (a named model's JSON, a sample run's manifest.json)."""
     path = Path(path)
     try:
         fields = json.loads(path.read_text())
@@ -189,6 +203,8 @@ def read_unet_config(path) -> UNetConfig:
         raise CheckpointError(f"cannot read the model config {path}: {e}") from None
     if not isinstance(fields, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(fields).__name__}")
+    if isinstance(fields.get("unet_config"), dict):
+        fields = fields["unet_config"]
     if "block_out_channels" in fields:  # diffusers' UNet2DModel config
         return config_from_diffusers(fields)
     try:
@@ -421,10 +437,27 @@ def find_cached(repo_id: str, cache_dir: str | Path | None = None) -> Path | Non
     return _download(repo_id, cache_dir, local_files_only=True) if _REPO_ID.match(repo_id) else None
 
 
+def _load_named(name: str) -> UNet:
+    """A model of :data:`NAMED_MODELS`: its safetensors weights (nothing is unpickled) in the UNet its JSON describes."""
+    weights_name, config_name = NAMED_MODELS[name]
+    weights, config_file = Path(package_file(weights_name)), Path(package_file(config_name))
+    for file in (weights, config_file):
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"the model {name!r} ships as {weights_name} and {config_name} in the package data, but {file} is missing; "
+                "in a checkout of the repository rebuild them with the toy_data/make_*.py script that toy_data/README.md "
+                "names (a wheel ships them: reinstall ddim-edu)")
+    return unet_from_state_dict(read_state_dict(weights), read_unet_config(config_file), source=str(weights))
+
+
 def load_unet(path_or_name: str | Path, *, config: UNetConfig | None = None, download: bool = False,
               cache_dir: str | Path | None = None) -> UNet:
-    """Load a pretrained :class:`UNet` (eval mode) from a diffusers folder, a single checkpoint file, or a Hub name.
+    """Load a pretrained :class:`UNet` (eval mode): a model that ships with the package, a diffusers folder,
+    a single checkpoint file, or a Hub name.
 
+    - a name of :data:`NAMED_MODELS` (``"digits"``): the model's weights from the package data, its
+      UNetConfig from the JSON beside them; the name wins over a local folder or file of the same name
+      (reach that one as ``./digits``);
     - a folder with ``config.json`` + ``diffusion_pytorch_model.safetensors`` (or ``.bin``), or with them
       under ``unet/``: the diffusers layout, its config read from config.json;
     - a file (``.safetensors``, or ``.ckpt``/``.pth``/``.pt``/``.bin`` read with ``weights_only=True``):
@@ -435,6 +468,11 @@ def load_unet(path_or_name: str | Path, *, config: UNetConfig | None = None, dow
       ``huggingface_hub.snapshot_download`` only if ``download=True``; otherwise FileNotFoundError
       says which files to fetch and where to put them.
     """
+    if isinstance(path_or_name, str) and path_or_name in NAMED_MODELS:
+        if config is not None:
+            raise ValueError(f"config= (--config on the command line) is for single checkpoint files; the model "
+                             f"{path_or_name!r} that ships with the package has its own")
+        return _load_named(path_or_name)
     path = Path(path_or_name).expanduser()
     if path.is_dir():
         folder = _diffusers_folder(path)
@@ -450,7 +488,8 @@ def load_unet(path_or_name: str | Path, *, config: UNetConfig | None = None, dow
 
     name = str(path_or_name)
     if not _REPO_ID.match(name):
-        raise FileNotFoundError(f"no such checkpoint file or model folder: {str(path)!r}")
+        raise FileNotFoundError(f"no such checkpoint file or model folder: {str(path)!r}, nor a model that ships with "
+                                f"the package (those are: {', '.join(NAMED_MODELS)})")
     cached = find_cached(name, cache_dir)
     if cached is not None:
         return _load_diffusers_folder(cached)
