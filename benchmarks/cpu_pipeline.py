@@ -19,6 +19,8 @@ Stages, each timed:
 
     python benchmarks/cpu_pipeline.py              # about 4 minutes on 2 idle cores
     python benchmarks/cpu_pipeline.py --steps 300  # a quicker look (noisier samples)
+    python benchmarks/cpu_pipeline.py --threads 2  # torch's intra-op threads (default 1: small work, see
+                                                   # ddim_edu.utils.threads; OMP_NUM_THREADS is respected)
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from ddim_edu.schedules import linear_schedule
 from ddim_edu.solvers import sample
 from ddim_edu.training import TrainConfig
 from ddim_edu.image.unet import UNet, UNetConfig
+from ddim_edu.utils.threads import choose_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_throughput import ROOT, publish
@@ -75,7 +78,12 @@ def main():
     parser.add_argument("--n-samples", type=int, default=128, help="samples per S (the figure shows the first 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-doc", dest="doc", action="store_false", help="print only; write neither figure nor doc")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's intra-op threads (default: 1, unless OMP_NUM_THREADS or torch.set_num_threads chose)")
     args = parser.parse_args()
+    chosen = choose_threads(args.threads, small=True)
+    if chosen is not None:
+        torch.set_num_threads(chosen)
     threads = torch.get_num_threads()
     load_before = os.getloadavg()[0]
     stages: list[tuple[str, float, str]] = []
@@ -101,7 +109,7 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     schedule = linear_schedule(1000)
     recipe = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=50, ema_decay=0.995, seed=args.seed)
-    result = train_image_model(model, data, schedule, recipe, progress=False)
+    result = train_image_model(model, data, schedule, recipe, progress=False, threads=threads)
     final_loss = result.losses[-50:].mean().item()
     stage("training", start, f"{args.steps} steps × batch {args.batch}, {result.examples_per_second:.0f} images/s, "
           f"L_1 over the last 50 steps {final_loss:.1f} (d = {3 * 16 * 16})")

@@ -1,6 +1,6 @@
 """The toy-data demo: train an ε-MLP on a 2-D set, sample with DDPM and DDIM, write the toy Table 1.
 
-    python -m ddim_edu.demo [--dataset swiss_roll] [--out outputs/demo] [--fast]
+    python -m ddim_edu.demo [--dataset swiss_roll] [--out outputs/demo] [--fast] [--threads N]
 
 Trains :class:`~ddim_edu.toy.nets.MLPEps` with L_1 on fresh draws of the data set, then samples the
 same x_T with Eq 12 over S ∈ {10, 20, 50, 100, 1000} × η ∈ {0, 0.2, 0.5, 1} and the σ̂ variant
@@ -10,6 +10,9 @@ fine structure) and the energy distance (coarser: it can rate a blurred cloud we
 "two data samples" line is the distance between two independent data samples of the same size,
 the floor that sampling noise allows.
 Writes ``samples.png``, ``table1_toy.png``, ``table1_toy.md`` and ``table1_toy.csv``.
+All of it is small work, run on one thread unless ``--threads``, ``OMP_NUM_THREADS`` or
+``torch.set_num_threads`` says otherwise (:mod:`ddim_edu.utils.threads`: more threads gain little
+here on idle cores and can be many times slower on busy ones).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from .solvers import sample
 from .toy.datasets import DATASETS, load_frozen
 from .toy.nets import MLPEps
 from .training import TrainConfig, train_eps_model
+from .utils.threads import choose_threads, intra_op_threads
 
 __all__ = ["ETAS", "STEPS", "finding", "main", "plot_samples", "plot_table", "sample_grid", "write_tables"]
 
@@ -144,8 +148,17 @@ def main(argv=None) -> Path:
                         help="sub-sequence τ; 'uniform' is the paper's (starts at t = T - T/S)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fast", action="store_true", help="a few seconds: tiny training, S ≤ 20 (for tests)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's intra-op threads (default: 1, unless OMP_NUM_THREADS or torch.set_num_threads chose)")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    with intra_op_threads(choose_threads(args.threads, small=True)):
+        return _run(args)
 
+
+def _run(args) -> Path:
+    """The demo itself, on the threads :func:`main` chose."""
     steps, train_steps = ((10, 20), 200) if args.fast else (STEPS, args.train_steps)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)  # the network's initial weights
@@ -156,9 +169,12 @@ def main(argv=None) -> Path:
     n = len(heldout)
 
     start = time.perf_counter()
-    result = train_eps_model(MLPEps(dim=2), train, schedule, TrainConfig.toy(steps=train_steps, seed=args.seed))
+    threads = torch.get_num_threads()
+    result = train_eps_model(MLPEps(dim=2), train, schedule, TrainConfig.toy(steps=train_steps, seed=args.seed),
+                             threads=threads)
     train_seconds = time.perf_counter() - start
-    print(f"trained {train_steps} steps in {train_seconds:.0f} s; final loss {result.losses[-100:].mean():.3f}")
+    print(f"trained {train_steps} steps in {train_seconds:.0f} s on {threads} thread{'s' * (threads != 1)}; "
+          f"final loss {result.losses[-100:].mean():.3f}")
 
     x_T = torch.randn(n, 2, generator=gen)
     rows = [*ETAS, SIGMA_HAT]

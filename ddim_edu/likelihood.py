@@ -53,6 +53,7 @@ __all__ = [
     "BIN_WIDTH_8BIT",
     "BitsPerDim",
     "DIVERGENCES",
+    "EXACT_DIVERGENCE_MAX_DIM",
     "Likelihood",
     "PROBES",
     "augmented_flow",
@@ -65,7 +66,13 @@ __all__ = [
     "log_likelihood",
 ]
 
-DIVERGENCES = ("exact", "hutchinson")
+DIVERGENCES = ("auto", "exact", "hutchinson")
+# divergence="auto" is exact up to this many dimensions per sample, Hutchinson above. The exact divergence
+# costs one backward pass per dimension at every evaluation: on one CPU thread a log-likelihood took
+# 0.33 s exact vs 0.10 s Hutchinson at D = 16, 1.6 s vs 0.15 s at D = 64 and 5 s vs 0.16 s at D = 192
+# (a Gaussian mixture's exact ε; a 3×8×8 conv net: 1.8 s vs 0.09 s; a small UNet: over 90 s vs 4 s). Up to D = 16
+# the exact value costs at most about 3× and has no estimator noise; beyond, the cost grows with D.
+EXACT_DIVERGENCE_MAX_DIM = 16
 PROBES = ("rademacher", "gaussian")
 # Images in [-1, 1] from 8-bit data: pixel value k ∈ {0..255} ↦ x = k/127.5 - 1, so the bins
 # of neighbouring values are 1/127.5 = 2/255 apart.
@@ -78,13 +85,15 @@ class Likelihood:
 
     ``logp`` [B]: log p_{t_min}(x) in nats; ``prior_logp`` [B]: log π(x_T); ``x_T``: the encoding of x
     at t = T-1 (DDIM inversion by the adaptive solver); ``nfe``: evaluations of the augmented
-    field (each one model call plus the divergence's backward passes).
+    field (each one model call plus the divergence's backward passes); ``divergence``: the one used
+    (``"exact"`` or ``"hutchinson"``).
     """
 
     logp: Tensor
     prior_logp: Tensor
     x_T: Tensor
     nfe: int
+    divergence: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,7 @@ class BitsPerDim:
     logp: Tensor
     y: Tensor
     nfe: int
+    divergence: str = "exact"
 
 
 # --- divergences ---------------------------------------------------------------------------
@@ -172,7 +182,7 @@ def log_likelihood(
     method: str = "dopri5",
     rtol: float = 1e-5,
     atol: float = 1e-5,
-    divergence: str = "exact",
+    divergence: str = "auto",
     probe: str = "rademacher",
     generator: torch.Generator | None = None,
     prior: Callable[[Tensor], Tensor] | None = None,
@@ -188,7 +198,10 @@ def log_likelihood(
       ``"hutchinson"``: one probe per sample (``probe="rademacher"`` or ``"gaussian"``, drawn from
       ``generator``), held fixed along the whole trajectory as in FFJORD, so the solver sees a
       smooth field; the result is then an unbiased estimate of the exact log-density *of the
-      solved ODE*.
+      solved ODE*. ``"auto"`` (the default) is exact for D ≤ ``EXACT_DIVERGENCE_MAX_DIM`` = 16 and
+      Hutchinson above, where the exact one's cost grows with D (a 3×8×8 image: D = 192 backward
+      passes per evaluation; with a small UNet over 90 s, against 4 s for Hutchinson).
+      ``Likelihood.divergence`` says which was used.
     - ``prior``: ``log π(x_T)`` [B] for x_T at t = T-1; default N(0, I) (the samplers' prior).
 
     Use float64 for tight tolerances. No gradient flows back to ``x`` or the model's parameters.
@@ -209,13 +222,15 @@ def log_likelihood(
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+    D = x[0].numel()
+    if divergence == "auto":
+        divergence = "exact" if D <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
     if divergence == "hutchinson":
         div_fn = partial(divergence_hutchinson, probe=draw_probe(x, probe, generator))
     else:
         div_fn = divergence_exact
     prior = standard_normal_logp if prior is None else prior
 
-    D = x[0].numel()
     t_max = schedule.T - 1
     log_alpha_min = schedule.log_alpha_bar(float(t_min)).item()
     log_alpha_max = schedule.log_alpha_bar(float(t_max)).item()
@@ -235,7 +250,7 @@ def log_likelihood(
     logp = prior_logp + 0.5 * D * (log_alpha_max - log_alpha_min) + ell[-1]
     if not bool(torch.isfinite(logp).all()):
         raise FloatingPointError("log-likelihood is not finite; check the model's ε and the prior, or use float64")
-    return Likelihood(logp=logp, prior_logp=prior_logp, x_T=x_T, nfe=f.nfe)
+    return Likelihood(logp=logp, prior_logp=prior_logp, x_T=x_T, nfe=f.nfe, divergence=divergence)
 
 
 # --- bits per dimension ----------------------------------------------------------------------
@@ -286,7 +301,8 @@ def bits_per_dim(
 
     Dequantises once per image (:func:`dequantize`, noise from ``generator``), computes
     ``log p_{t_min}(y)`` with :func:`log_likelihood` (``options`` go there; the same generator
-    draws the Hutchinson probes) and converts with :func:`bits_per_dim_from_logp`:
+    draws the Hutchinson probes, which its default ``divergence="auto"`` uses for images of more
+    than 16 values, e.g. any RGB image) and converts with :func:`bits_per_dim_from_logp`:
     ``bpd = -(log p(y) - D log 127.5)/(D ln 2)``. Without dequantisation a continuous density on
     discrete data can grow without bound, and bits/dim would mean nothing; so x must lie on the
     8-bit grid (checked), which also catches images in [0, 1] or already dequantised.
@@ -302,4 +318,4 @@ def bits_per_dim(
     y = dequantize(x, generator)
     result = log_likelihood(model, y, schedule, generator=generator, **options)
     bpd = bits_per_dim_from_logp(result.logp, x[0].numel())
-    return BitsPerDim(bpd=bpd, logp=result.logp, y=y, nfe=result.nfe)
+    return BitsPerDim(bpd=bpd, logp=result.logp, y=y, nfe=result.nfe, divergence=result.divergence)

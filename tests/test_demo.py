@@ -18,3 +18,42 @@ def test_demo_fast_writes_figures_and_table(tmp_path, capsys):
     assert all(math.isfinite(float(v)) for r in rows[1:] for v in r[2:])
     printed = capsys.readouterr().out
     assert "η = 0" in printed and ("As in the paper" in printed or "Unlike the paper" in printed)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_demo_threads(monkeypatch, tmp_path):
+    """One thread by default (unless the user chose a number), --threads N if given; the count comes back after."""
+    import pytest
+    import torch
+
+    from ddim_edu.utils import threads as threads_module
+
+    seen = []
+
+    def record(*args, threads=None, **kwargs):
+        seen.append((torch.get_num_threads(), threads))
+        raise _Stop
+
+    monkeypatch.setattr(demo, "train_eps_model", record)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads_module, "_THREADS_AT_IMPORT", 2)  # as if torch's default of 2 were in force
+    monkeypatch.setattr(threads_module, "_physical_cores", lambda: 2)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for argv, expected in (([], 1), (["--threads", "3"], 3)):
+            with pytest.raises(_Stop):
+                demo.main(["--fast", "--out", str(tmp_path), *argv])
+            assert seen[-1] == (expected, expected) and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice is kept
+        with pytest.raises(_Stop):
+            demo.main(["--fast", "--out", str(tmp_path)])
+        assert seen[-1] == (2, 2)
+        with pytest.raises(SystemExit):
+            demo.main(["--threads", "0"])
+    finally:
+        torch.set_num_threads(previous)

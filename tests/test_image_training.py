@@ -1,6 +1,7 @@
 """Image trainer: exact resume, Ctrl-C safety, atomic checkpoints, DDP equivalence, sample grids."""
 import dataclasses
 import os
+import signal
 import socket
 
 import matplotlib.image
@@ -135,7 +136,7 @@ def test_sigterm_is_ctrl_c(reference, tmp_path):
     assert_same_bits(resumed.model, reference.model)
 
 
-def test_ctrl_c_inside_a_step_keeps_the_last_checkpoint(reference, tmp_path):
+def test_ctrl_c_inside_a_step_saves_the_last_finished_step(reference, tmp_path):
     ckpt = tmp_path / "run.pt"
     model = tiny_model(0)
     calls = {"n": 0}
@@ -143,16 +144,156 @@ def test_ctrl_c_inside_a_step_keeps_the_last_checkpoint(reference, tmp_path):
 
     def forward_then_interrupt(x, t):
         calls["n"] += 1
-        if calls["n"] == 4:  # in the middle of the 4th step: its state is half updated, not saved
+        if calls["n"] == 4:  # in the middle of the 4th step: it is dropped, the 3rd is saved
             raise KeyboardInterrupt
         return forward(x, t)
 
     model.forward = forward_then_interrupt
     with pytest.raises(KeyboardInterrupt):
         train_image_model(model, DATA, SCHED, fast(6), checkpoint=ckpt, checkpoint_every=2, progress=False)
-    assert load_checkpoint(ckpt)["step"] == 2
+    assert load_checkpoint(ckpt)["step"] == 3
     resumed = train_image_model(tiny_model(5), DATA, SCHED, fast(6), checkpoint=ckpt, progress=False)
     assert_same_bits(resumed.model, reference.model)
+
+
+class Interrupt:
+    """Interrupts the 4th training step (step 3, 0-based) at one point: ``raise`` a KeyboardInterrupt there, or
+    send this process SIGINT or SIGTERM (whose handler raises it wherever Python is when it runs)."""
+
+    def __init__(self, how):
+        self.how, self.calls = how, 0
+
+    def tick(self):
+        """Count a call (one per step) and interrupt at the 4th."""
+        self.calls += 1
+        self(self.calls - 1)
+
+    def __call__(self, step_index):
+        if step_index != 3:
+            return
+        if self.how == "raise":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM}[self.how])
+
+
+def _patch_counting(monkeypatch, owner, name, interrupt, before: bool):
+    """Wrap ``owner.name`` (a method) so that its 4th call interrupts, before or after running the original."""
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def patched(self, *args, **kwargs):
+        calls["n"] += 1
+        if before:
+            interrupt(calls["n"] - 1)
+        out = original(self, *args, **kwargs)
+        if not before:
+            interrupt(calls["n"] - 1)
+        return out
+
+    monkeypatch.setattr(owner, name, patched)
+
+
+# (where, how) -> the step the checkpoint must hold: 3 if the 4th step is dropped, 4 if it is finished
+INTERRUPTIONS = {
+    ("forward", "raise"): 3,
+    ("forward", "sigint"): 3,
+    ("forward", "sigterm"): 3,
+    ("backward", "raise"): 3,
+    ("backward", "sigterm"): 3,
+    ("before optimizer.step", "raise"): 3,
+    ("before optimizer.step", "sigterm"): 4,  # held until the step has finished
+    ("after optimizer.step", "raise"): 4,  # the optimiser has updated: the step is finished before saving
+    ("after optimizer.step", "sigint"): 4,
+    ("after optimizer.step", "sigterm"): 4,
+    ("before the EMA update", "raise"): 4,
+    ("before the EMA update", "sigterm"): 4,
+    ("after the EMA update", "raise"): 4,
+    ("after the EMA update", "sigterm"): 4,
+    ("callback", "raise"): 4,
+    ("callback", "sigint"): 4,
+}
+
+
+@pytest.mark.parametrize("where, how", list(INTERRUPTIONS))
+def test_interrupt_anywhere_in_a_step_saves_the_last_finished_step(reference, tmp_path, monkeypatch, where, how):
+    """Wherever Ctrl-C or SIGTERM lands in a step, the checkpoint is that of the last finished step (periodic ones
+    at step 2 only), and resuming from it reproduces the uninterrupted run bit for bit."""
+    from torch.optim.swa_utils import AveragedModel
+
+    ckpt = tmp_path / "run.pt"
+    interrupt = Interrupt(how)
+    model = tiny_model(0)
+    callback = None
+    if where == "forward":
+        forward = model.forward
+
+        def interrupted_forward(x, t):
+            interrupt.tick()
+            return forward(x, t)
+
+        model.forward = interrupted_forward
+    elif where == "backward":
+        model.out.weight.register_hook(lambda grad: interrupt.tick())
+    elif where.endswith("optimizer.step"):
+        _patch_counting(monkeypatch, torch.optim.AdamW, "step", interrupt, before=where.startswith("before"))
+    elif where.endswith("EMA update"):
+        _patch_counting(monkeypatch, AveragedModel, "update_parameters", interrupt, before=where.startswith("before"))
+    else:
+        callback = lambda step, loss, model, ema: interrupt(step)  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        train_image_model(model, DATA, SCHED, fast(6), checkpoint=ckpt, checkpoint_every=2, callback=callback,
+                          progress=False)
+    monkeypatch.undo()
+    saved = load_checkpoint(ckpt)
+    assert saved["step"] == INTERRUPTIONS[where, how]
+    assert len(saved["losses"]) == saved["step"] and int(saved["ema_n_averaged"]) == saved["step"]
+    assert saved["scheduler"]["last_epoch"] == saved["step"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]  # no temporary files left
+    resumed = train_image_model(tiny_model(5), DATA, SCHED, fast(6), checkpoint=ckpt, progress=False)
+    assert_same_bits(resumed.model, reference.model)
+    assert_same_bits(resumed.ema, reference.ema)
+    assert torch.equal(resumed.losses, reference.losses)
+
+
+def test_second_signal_does_not_cut_the_save_short(tmp_path, monkeypatch):
+    """A SIGTERM that arrives while the checkpoint of an interrupted run is being written waits for the write."""
+    from ddim_edu import training
+
+    ckpt = tmp_path / "run.pt"
+    real_save = training.save_checkpoint
+    interrupted = []
+
+    def save_with_a_signal(path, checkpoint):
+        if interrupted:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(path, checkpoint)
+
+    def interrupt(step, loss, model, ema):
+        if step == 2:
+            interrupted.append(step)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", save_with_a_signal)
+    with pytest.raises(KeyboardInterrupt):
+        train_image_model(tiny_model(0), DATA, SCHED, fast(6), checkpoint=ckpt, checkpoint_every=100, callback=interrupt,
+                          progress=False)
+    assert load_checkpoint(ckpt)["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+
+
+def test_interrupt_handlers_come_back(tmp_path):
+    """SIGINT's and SIGTERM's handlers are the caller's again after training, and a SIGINT handler of the
+    caller's own is left alone during training."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        train_image_model(tiny_model(0), DATA, SCHED, fast(2), checkpoint=tmp_path / "run.pt", progress=False,
+                          callback=lambda step, loss, model, ema: os.kill(os.getpid(), signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [signal.SIGINT, signal.SIGINT]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
@@ -221,6 +362,26 @@ def test_unet_checkpoint_stores_its_config_and_data_must_fit(tmp_path):
     with pytest.raises(ValueError, match=r"data are images \(3, 8, 8\) but the UNet takes \(3, 16, 16\)"):
         train_image_model(UNet(UNetConfig(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                                           attention_resolutions=(8,), norm_groups=8)), DATA, SCHED, fast(1), progress=False)
+
+
+def test_float_images_must_lie_in_minus_one_one(tmp_path):
+    """Float pixels 0–255 are refused before training; a resume with images on another scale is refused too."""
+    pixels = (DATA + 1) * 127.5
+    with pytest.raises(ValueError, match=r"images must be uint8 pixels or floats in \[-1, 1\]; these float images lie in "
+                                         r"\[\d.*pixels 0–255 as floats\? Pass them as uint8"):
+        train_image_model(tiny_model(0), pixels, SCHED, fast(1), progress=False)
+    nan_image = DATA.clone()
+    nan_image[5, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf values in 1 of 24 examples, the first at index 5"):
+        train_image_model(tiny_model(0), nan_image, SCHED, fast(1), progress=False)
+    ckpt = tmp_path / "run.pt"
+    train_image_model(tiny_model(0), DATA, SCHED, fast(1), checkpoint=ckpt, progress=False)
+    with pytest.raises(ValueError, match=r"data range \(as the network sees it\): stored \[-0.99\d*, 1\] \(float32\), "
+                                         r"given \[0.00\d*, 1\]"):
+        train_image_model(tiny_model(0), (DATA + 1) / 2, SCHED, fast(2), checkpoint=ckpt, progress=False)
+    # the same images as uint8 pixels are the same data to the network
+    assert train_image_model(tiny_model(0), pixels.round().to(torch.uint8), SCHED, fast(2), checkpoint=ckpt,
+                             progress=False).step == 2
 
 
 def test_sample_grids_are_written(tmp_path):

@@ -212,3 +212,25 @@ def test_nan_from_the_model_is_reported(sched, ring):
 
     with pytest.raises(FloatingPointError, match="NaN"):
         log_likelihood(model, noised_sample(ring, sched, 0, 2, seed=12), sched)
+
+
+def test_default_divergence_is_exact_in_low_dimension_and_hutchinson_above(sched, ring):
+    """divergence="auto": exact up to D = 16 (the 2-D ring, a 1×2×2 image), Hutchinson above, where the exact one costs
+    D backward passes per evaluation (one 3×8×8 image: D = 192; it took minutes with a UNet)."""
+    from ddim_edu.likelihood import EXACT_DIVERGENCE_MAX_DIM
+
+    assert EXACT_DIVERGENCE_MAX_DIM == 16
+    x = noised_sample(ring, sched, 0, 2, seed=13)
+    assert log_likelihood(ring.eps_model(sched), x, sched).divergence == "exact"
+    for shape, expected in (((1, 4, 4), "exact"), ((1, 17, 1), "hutchinson"), ((3, 8, 8), "hutchinson")):
+        gm = gaussian_image_model(sched, shape)
+        model = gm.eps_model(sched)
+        flat = lambda x, t, model=model: model(x.reshape(len(x), -1), t).reshape(x.shape)  # noqa: E731
+        res = bits_per_dim(flat, eight_bit_images(1, shape), sched, generator=torch.Generator().manual_seed(14))
+        assert res.divergence == expected, shape
+        assert bool(torch.isfinite(res.bpd).all())
+    # an explicit choice is kept in any dimension
+    gm = gaussian_image_model(sched, (1, 17, 1))
+    model = gm.eps_model(sched)
+    flat = lambda x, t: model(x.reshape(len(x), -1), t).reshape(x.shape)  # noqa: E731
+    assert bits_per_dim(flat, eight_bit_images(1, (1, 17, 1)), sched, divergence="exact").divergence == "exact"

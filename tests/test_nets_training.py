@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from ddim_edu.toy.nets import MLPEps, sinusoidal_embedding
-from ddim_edu.schedules import linear_schedule
+from ddim_edu.schedules import cosine_schedule, linear_schedule
 from ddim_edu.toy.datasets import eight_gaussians
-from ddim_edu.training import TrainConfig, TrainResult, simple_loss, train_eps_model, warmup_cosine
+from ddim_edu.training import TrainConfig, TrainResult, load_checkpoint, simple_loss, train_eps_model, warmup_cosine
+from ddim_edu.utils import threads as threads_module
 
 SCHEDULE = linear_schedule()
 
@@ -205,6 +206,8 @@ def test_warmup_cosine_schedule():
         (dict(ema_decay=1.5), "ema_decay"),
         (dict(warmup=-1), "warmup"),
         (dict(final_lr_fraction=2.0), "final_lr_fraction"),
+        (dict(lr=math.inf), "lr must be a finite number"),
+        (dict(lr=math.nan), "lr must be a finite number"),
     ],
 )
 def test_bad_training_arguments(kwargs, match):
@@ -220,3 +223,173 @@ def test_bad_training_data_and_model():
                         progress=False)
     with pytest.raises(ValueError, match="model"):
         train_eps_model(lambda x, t: x, _data(), SCHEDULE, TrainConfig.toy(steps=1), progress=False)
+
+
+# --- non-finite values stop the run; the last checkpoint stays as it was --------------------------
+
+
+class NaNAt(nn.Module):
+    """An MLPEps whose output (``where="loss"``) or gradient (``where="gradient"``) is NaN from its ``at``-th call on."""
+
+    def __init__(self, at, where="loss"):
+        super().__init__()
+        self.net, self.at, self.where, self.calls = _small_model(), at, where, 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        out = self.net(x, t)
+        if self.calls > self.at:
+            out = out * math.nan if self.where == "loss" else _NaNGradient.apply(out)
+        return out
+
+
+class _NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.nan
+
+
+@pytest.mark.parametrize("where, grad_clip", [("loss", None), ("loss", 1.0), ("gradient", None), ("gradient", 1.0)])
+def test_nan_stops_training_and_keeps_the_last_checkpoint(tmp_path, where, grad_clip):
+    ckpt = tmp_path / "run.pt"
+    seen = []
+    what = "loss" if where == "loss" else "gradient norm"
+    with pytest.raises(FloatingPointError, match=rf"at step 7 \(0-based\) the {what} is nan.*written after 5 steps, "
+                                                 "is left as it was"):
+        train_eps_model(NaNAt(7, where), _data(), SCHEDULE, TrainConfig.toy(steps=12, batch_size=32, grad_clip=grad_clip),
+                        checkpoint=ckpt, checkpoint_every=5, progress=False, callback=lambda step, *_: seen.append(step))
+    assert seen == list(range(7))  # stopped at the first bad step, before its update
+    saved = load_checkpoint(ckpt)
+    assert saved["step"] == 5 and bool(torch.isfinite(saved["losses"]).all())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+
+
+def test_nan_found_by_a_later_check_names_its_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """As on CUDA, where the values are checked every few steps (here 4) and before each checkpoint: the run goes on
+    past the bad step until the next check, but the error names it and no checkpoint after it is written."""
+    from ddim_edu import training
+
+    monkeypatch.setattr(training, "_finite_check_every", lambda device: 4)
+    ckpt = tmp_path / "run.pt"
+    seen = []
+    with pytest.raises(FloatingPointError, match=r"at step 7 \(0-based\) the loss is nan.*written after 5 steps"):
+        train_eps_model(NaNAt(7), _data(), SCHEDULE, TrainConfig.toy(steps=12, batch_size=32), checkpoint=ckpt,
+                        checkpoint_every=5, progress=False, callback=lambda step, *_: seen.append(step))
+    assert seen == list(range(8))  # steps 5, 6 and 7 ran; the check before step 8's update found step 7
+    assert load_checkpoint(ckpt)["step"] == 5
+    with pytest.raises(FloatingPointError, match=r"at step 7 \(0-based\) the loss is nan.*written after 7 steps"):
+        train_eps_model(NaNAt(7), _data(), SCHEDULE, TrainConfig.toy(steps=12, batch_size=32), checkpoint=tmp_path / "b.pt",
+                        checkpoint_every=1, progress=False)  # checked before every checkpoint
+    assert load_checkpoint(tmp_path / "b.pt")["step"] == 7
+
+
+def test_diverging_run_never_writes_non_finite_weights(tmp_path):
+    """lr = 1e30: the weights blow up after the first update and the loss overflows; no checkpoint holds either."""
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(FloatingPointError, match="training stopped"):
+        train_eps_model(_small_model(), _data(), SCHEDULE, TrainConfig.toy(steps=20, batch_size=32, lr=1e30, warmup=0),
+                        checkpoint=ckpt, checkpoint_every=1, progress=False)
+    if ckpt.exists():
+        saved = load_checkpoint(ckpt)
+        for part in ("model", "ema"):
+            assert all(bool(torch.isfinite(v).all()) for v in saved[part].values()), part
+        assert bool(torch.isfinite(saved["losses"]).all())
+
+
+def test_data_with_nan_are_refused_before_training():
+    data = _data()
+    data[17, 1] = math.nan
+    with pytest.raises(ValueError, match=r"NaN or inf values in 1 of 512 examples, the first at index 17"):
+        train_eps_model(_small_model(), data, SCHEDULE, TrainConfig.toy(steps=2, batch_size=32), progress=False)
+
+
+# --- the checkpoint stores the schedule and the data range, and a resume must match them -----------------
+
+
+def _run(tmp_path, steps, data=None, schedule=SCHEDULE, **kw):
+    return train_eps_model(_small_model(), _data() if data is None else data, schedule,
+                           TrainConfig.toy(steps=steps, batch_size=32), checkpoint=tmp_path / "run.pt", progress=False, **kw)
+
+
+def test_resume_under_another_schedule_is_refused(tmp_path):
+    _run(tmp_path, 2)
+    saved = load_checkpoint(tmp_path / "run.pt")
+    assert torch.equal(saved["schedule_betas"], SCHEDULE.betas)
+    with pytest.raises(ValueError, match=r"other settings: noise schedule: stored β_1 = 0.0001, β_T = 0.02, "
+                                         r"given Schedule\(T=1000"):
+        _run(tmp_path, 4, schedule=cosine_schedule())
+    with pytest.raises(ValueError, match=r"noise schedule: stored T = 1000"):
+        _run(tmp_path, 4, schedule=linear_schedule(500))
+    assert load_checkpoint(tmp_path / "run.pt")["step"] == 2
+
+
+def test_resume_with_another_data_range_is_refused(tmp_path):
+    data = _data()
+    _run(tmp_path, 2, data)
+    saved = load_checkpoint(tmp_path / "run.pt")["data_range"]
+    assert saved == {"dtype": "float32", "min": data.min().item(), "max": data.max().item()}
+    with pytest.raises(ValueError, match=r"other settings: data range \(as the network sees it\): stored \[-?\d"):
+        _run(tmp_path, 4, data * 3)
+    with pytest.raises(ValueError, match="data range"):
+        _run(tmp_path, 4, data + 1)
+    # a new draw of the same distribution is the same data range
+    assert _run(tmp_path, 4, _data(seed=1)).step == 4
+
+
+def test_checkpoint_without_schedule_and_data_range_still_resumes_exactly(tmp_path):
+    """Checkpoints written before these entries existed resume (unchecked there), bit for bit."""
+    straight = _run(tmp_path / "a", 4)
+    _run(tmp_path / "b", 2)
+    path = tmp_path / "b" / "run.pt"
+    old = torch.load(path, weights_only=True)
+    del old["schedule_betas"], old["data_range"]
+    torch.save(old, path)
+    resumed = _run(tmp_path / "b", 4)
+    assert torch.equal(resumed.losses, straight.losses)
+    for p, q in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(p, q)
+    assert "schedule_betas" in load_checkpoint(path)  # written again from then on
+    with pytest.raises(ValueError, match="must not replace the trainer's entries"):
+        _run(tmp_path / "c", 1, checkpoint_extra={"data_range": 1})
+
+
+# --- threads ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_default_threads(monkeypatch):
+    """As if torch ran with its default of 2 threads that nobody chose."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads_module, "_THREADS_AT_IMPORT", 2)
+    monkeypatch.setattr(threads_module, "_physical_cores", lambda: 2)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("env, threads, expected", [(None, None, 1), ("2", None, 2), (None, 2, 2), (None, 1, 1)])
+def test_small_models_train_on_one_thread_unless_the_user_chose(torch_default_threads, monkeypatch, env, threads,
+                                                                expected):
+    if env is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    seen = []
+    train_eps_model(_small_model(), _data(), SCHEDULE, TrainConfig.toy(steps=2, batch_size=16), progress=False,
+                    threads=threads, callback=lambda *_: seen.append(torch.get_num_threads()))
+    assert seen == [expected] * 2
+    assert torch.get_num_threads() == 2  # given back
+
+
+def test_threads_set_by_the_user_are_kept(torch_default_threads):
+    torch.set_num_threads(3)  # differs from torch's default: the user's choice
+    assert threads_module.threads_chosen_by_user() and threads_module.choose_threads(None, small=True) is None
+    torch.set_num_threads(2)
+    assert not threads_module.threads_chosen_by_user() and threads_module.choose_threads(None, small=True) == 1
+    assert threads_module.choose_threads(None, small=False) is None
+    with pytest.raises(ValueError, match="threads"):
+        threads_module.choose_threads(0, small=True)

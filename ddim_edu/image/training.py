@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..schedules import Schedule
 from ..solvers import sample
-from ..training import TrainConfig, TrainResult, load_checkpoint, train_eps_model
+from ..training import TrainConfig, TrainResult, data_range, load_checkpoint, train_eps_model
 from ..utils.checks import check_int
 from .grids import make_grid, save_png
 from .pretrained import unet_from_state_dict
@@ -32,6 +32,8 @@ from .unet import UNet, UNetConfig
 __all__ = ["CHECKPOINT_WEIGHTS", "load_checkpoint_unet", "train_image_model"]
 
 CHECKPOINT_WEIGHTS = ("ema", "model")
+# Float images may stray this far beyond [-1, 1] (e.g. dequantised pixels lie within 1/255 of it).
+_FLOAT_IMAGE_SLACK = 0.01
 
 
 def load_checkpoint_unet(path, config: UNetConfig | None = None, weights: str = "ema") -> UNet:
@@ -66,18 +68,26 @@ def train_image_model(model: nn.Module, data: Tensor, schedule: Schedule, config
     """:func:`~ddim_edu.training.train_eps_model` on images (``TrainConfig()`` is DDPM's CIFAR-10 recipe).
 
     ``data``: images [N, C, H, W], uint8 pixels (mapped to [-1, 1] per batch) or floats in [-1, 1]
-    (used as float32); on the CPU is fine, batches are moved to the model's device. A UNet's
+    (used as float32; floats beyond [-1.01, 1.01], e.g. pixels 0–255 as floats, are refused before
+    training); on the CPU is fine, batches are moved to the model's device. A UNet's
     ``UNetConfig`` must take these images, and is stored in every checkpoint.
     ``sample_dir``: every ``sample_every`` steps and at the end, ``n_samples`` DDIM samples (η = 0,
     ``sample_steps`` uniform steps) of the EMA model from fixed noise are saved as
     ``samples_<step>.png`` by rank 0 (the noise has its own generator: sampling does not change the
     training run). ``bf16`` and ``callback`` are as in ``train_eps_model`` and so are ``options``
-    (``checkpoint``, ``checkpoint_every``, ``compile``, ``progress``); ``channels_last`` stores images
+    (``checkpoint``, ``checkpoint_every``, ``compile``, ``progress``, ``threads``); ``channels_last`` stores images
     and activations NHWC on CUDA.
     """
     if not isinstance(data, Tensor) or data.ndim != 4 or data.shape[0] < 1 or not (data.dtype == torch.uint8 or data.is_floating_point()):
         desc = (tuple(data.shape), data.dtype) if isinstance(data, Tensor) else type(data).__name__
         raise ValueError(f"data must be images [N, C, H, W] (uint8 pixels or floats in [-1, 1]) with N >= 1, got {desc}")
+    if data.is_floating_point():
+        lo, hi = data_range(data)
+        if lo < -1 - _FLOAT_IMAGE_SLACK or hi > 1 + _FLOAT_IMAGE_SLACK:
+            hint = (": pixels 0–255 as floats? Pass them as uint8 (data.round().to(torch.uint8)) or as data / 127.5 - 1"
+                    if hi > 2 else "")
+            raise ValueError(f"images must be uint8 pixels or floats in [-1, 1]; these float images lie in "
+                             f"[{lo:.4g}, {hi:.4g}]{hint}")
     for name, value in (("sample_every", sample_every), ("n_samples", n_samples), ("sample_steps", sample_steps)):
         check_int(name, value)
     unet_config = model.config if isinstance(getattr(model, "config", None), UNetConfig) else None
