@@ -4,8 +4,10 @@ Argument parsing over library functions: ``sample`` is :func:`ddim_edu.image.gen
 (resumable; see that module for the files it writes) on a UNet that :func:`ddim_edu.image.pretrained.load_unet`
 or :func:`ddim_edu.image.training.load_checkpoint_unet` reads, and ``fid`` is
 :func:`ddim_edu.evaluation.fid.fid` against CIFAR-10's training statistics. Errors are printed on
-one line with the subcommand's name (exit status 1), bad arguments by argparse (status 2), Ctrl-C
-or SIGTERM end with status 130 and say how to resume.
+one line with the subcommand's name (exit status 1; an OS error names its path and the system's
+reason; ``--debug`` shows the traceback instead), bad arguments by argparse (status 2), Ctrl-C or
+SIGTERM end with status 130 and say how to resume. A ``sample`` run holds a lock on its ``--out``
+folder: a second run into it is refused at once (see :mod:`ddim_edu.image.generate`).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from .image.training import CHECKPOINT_WEIGHTS, load_checkpoint_unet
 from .image.unet import UNet
 from .schedules import SPACINGS
 from .solvers import ADAPTIVE, FINAL_STEPS, check_options, method_listing
+from .utils.files import FolderInUse
 from .utils.signals import sigterm_as_keyboard_interrupt
 
 __all__ = ["build_parser", "main"]
@@ -47,6 +50,13 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
     return parse
+
+
+def folder(text: str) -> Path:
+    """An argparse type: a folder's path, not empty (an empty --out would write into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a folder, got {text!r}")
+    return Path(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     s.add_argument("--grid", type=int_at_least(0), default=64, help="images in grid.png (default 64; 0: no grid)")
     s.add_argument("--remove-shards", action="store_true", help="delete the shards once samples.npz is written")
-    s.add_argument("--out", required=True, type=Path, help="output folder")
+    s.add_argument("--out", required=True, type=folder,
+                   help="output folder (a rerun with the same arguments resumes; one run at a time)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--debug", action="store_true", help="on an error, show the traceback")
     s.set_defaults(run=_cmd_sample, parser=s)
 
     f = sub.add_parser("fid", help="FID of an .npz of uint8 images against CIFAR-10 train statistics",
@@ -110,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int_at_least(1), default=250, help="images per forward pass (default 250)")
     f.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--debug", action="store_true", help="on an error, show the traceback")
     f.set_defaults(run=_cmd_fid, parser=f)
     return parser
 
@@ -166,6 +179,16 @@ def _cmd_fid(args, parser) -> int:
     return 0
 
 
+def describe_error(error: BaseException) -> str:
+    """What went wrong, for one line of the command line: an OS error names its path and the system's reason."""
+    if isinstance(error, OSError) and error.filename is not None:
+        where = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 is not None else "")
+        return f"{where}: {error.strerror or type(error).__name__}"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} ({type(error).__name__})"
+    return str(error) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 bad arguments, 130 interrupted)."""
     args = build_parser().parse_args(argv)
@@ -177,6 +200,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"; the finished batches are in {args.out / 'shards'}, rerun the same command to resume" if args.command == "sample" else ""
         print(f"\ninterrupted{where}", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"{command.prog}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, ImportError, FloatingPointError, FolderInUse) as e:
+        if args.debug:
+            raise
+        print(f"{command.prog}: error: {describe_error(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a fault of ours or of a library: said in one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"{command.prog}: error: {type(e).__name__}: {describe_error(e)} (unexpected; rerun with --debug for the "
+              "traceback)", file=sys.stderr)
         return 1

@@ -441,7 +441,9 @@ def check_options(method: str, n_timesteps: int | None = None, *, eta: float = 0
         if given and method not in methods:
             raise ValueError(f"{name} applies to the methods {', '.join(methods)}; method {method!r} does not take it")
     if n_timesteps is not None:
-        need = max(METHODS[method].min_timesteps if method in METHODS else 1, FINAL_STEPS[final_step])
+        # an adaptive solver integrates from σ(τ_S) to σ(τ_1): two distinct timesteps
+        need = max(METHODS[method].min_timesteps if method in METHODS else 2 if method in ADAPTIVE else 1,
+                   FINAL_STEPS[final_step])
         if n_timesteps < need:
             raise ValueError(f"method {method!r} with final_step={final_step!r} needs at least {need} timesteps, got {n_timesteps}")
 

@@ -241,12 +241,24 @@ def _checked_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> PurePosixP
     return name
 
 
+def _open_archive(archive: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(archive, "r:*")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:  # EOFError: a gzip stream cut in its header
+        raise ValueError(f"{archive} is not a readable tar archive, or is truncated ({err}); expected {CIFAR10_URL}") from err
+
+
+def _read_chunk(src, archive: Path, size: int = 1 << 20) -> bytes:
+    """The next bytes of an archive member; ValueError if the archive ends early or is damaged there."""
+    try:
+        return src.read(size)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{archive} is a truncated or corrupt archive ({err}); download it again from {CIFAR10_URL}") from err
+
+
 def _read_archive(archive: Path, split: str, records_per_file: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Read one split's batches of either version from the archive into memory, in one pass (nothing is written to disk)."""
-    try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as err:
-        raise ValueError(f"{archive} is not a readable tar archive ({err}); expected {CIFAR10_URL}") from err
+    tar = _open_archive(archive)
     wanted = {f"{v.folder}/{name}" for v in _VERSIONS for name in v.names(split)}
     raw: dict[str, bytes] = {}
     with tar:
@@ -318,15 +330,12 @@ def extract_cifar10(archive, dest) -> Path:
     archive, dest = Path(archive).expanduser(), Path(dest).expanduser()
     if not archive.is_file():
         raise _missing(f"{archive} does not exist")
-    try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as err:
-        raise ValueError(f"{archive} is not a readable tar archive ({err}); expected {CIFAR10_URL}") from err
+    tar = _open_archive(archive)
     with tar:
         try:
             members = tar.getmembers()
         except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-            raise ValueError(f"{archive} is a truncated or corrupt archive ({err})") from err
+            raise ValueError(f"{archive} is a truncated or corrupt archive ({err}); download it again from {CIFAR10_URL}") from err
         files = [m for m in members if not m.isdir()]
         names = [_checked_member(tar, m) for m in files]  # check every member first
         for version in _VERSIONS:
@@ -344,7 +353,7 @@ def extract_cifar10(archive, dest) -> Path:
             tmp = target.with_name(f".{name.name}.part")
             try:
                 with tar.extractfile(member) as src, open(tmp, "wb") as dst:
-                    while chunk := src.read(1 << 20):
+                    while chunk := _read_chunk(src, archive):
                         dst.write(chunk)
                 os.replace(tmp, target)
             except BaseException:

@@ -156,16 +156,20 @@ def config_from_diffusers(cfg: Mapping) -> UNetConfig:
         size = size[0]
     if not isinstance(size, int):
         problems.append(f"sample_size={size!r} (a square size is needed to place the attention layers)")
-    channels = list(get("block_out_channels"))
-    base = channels[0] if channels else 0
-    if not channels or any(not isinstance(c, int) or c % base for c in channels):
-        problems.append(f"block_out_channels={channels!r} (each must be a multiple of the first)")
+    channels = get("block_out_channels")
+    channels = list(channels) if isinstance(channels, (list, tuple)) else channels
+    counts = isinstance(channels, list) and channels and all(type(c) is int and c > 0 for c in channels)
+    base = channels[0] if counts else 1
+    if not counts or any(c % base for c in channels):
+        problems.append(f"block_out_channels={channels!r} (positive integers, each a multiple of the first)")
     groups = get("norm_num_groups")
     require("attn_norm_num_groups", (None, groups))
     require("time_embedding_dim", (None, 4 * base))
     if get("out_channels") != get("in_channels"):
         problems.append(f"out_channels={get('out_channels')!r} != in_channels={get('in_channels')!r}")
-    down, up = list(get("down_block_types")), list(get("up_block_types"))
+    down, up = (list(v) if isinstance(v, (list, tuple)) else [v] for v in (get("down_block_types"), get("up_block_types")))
+    if not counts:
+        channels = [None] * len(down)  # the block types are checked against the number of levels all the same
     if len(down) != len(channels) or any(b not in ("DownBlock2D", "AttnDownBlock2D") for b in down):
         problems.append(f"down_block_types={down!r} (one DownBlock2D or AttnDownBlock2D per level)")
     mirror = ["AttnUpBlock2D" if b == "AttnDownBlock2D" else "UpBlock2D" for b in reversed(down)]
@@ -368,6 +372,11 @@ def read_state_dict(path: str | Path):
             from safetensors.torch import load_file
         except ImportError:
             raise ImportError("reading .safetensors files needs the safetensors package: pip install safetensors") from None
+        try:  # the system's reason first: safetensors reports an unreadable file as a missing one
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise CheckpointError(f"{path} cannot be read: {e.strerror or e} ({type(e).__name__})") from None
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as e:  # SafetensorError: a bad header or a short file

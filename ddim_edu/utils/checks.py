@@ -15,7 +15,7 @@ def check_int(name: str, value, minimum: int = 1) -> None:
 
 
 def resolve_device(device=None) -> torch.device:
-    """``device`` (default: cuda if available, else cpu) as a torch.device this torch can use, or ValueError."""
+    """``device`` (default: cuda if available, else cpu) as a torch.device this torch can compute on, or ValueError."""
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -24,4 +24,7 @@ def resolve_device(device=None) -> torch.device:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"device {name!r} (--device) cannot be used here ({reason}); "
                          f"this torch has CUDA: {torch.cuda.is_available()}; try 'cpu'") from None
+    if device.type == "meta":  # shapes without data: nothing can be computed on it
+        raise ValueError(f"device {name!r} (--device) cannot be used here (it holds shapes, no data); "
+                         f"this torch has CUDA: {torch.cuda.is_available()}; try 'cpu'")
     return device
