@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per batch and per shard (default 64)")
     s.add_argument("--seed", type=int_at_least(0), default=0, help="seed of all randomness (default 0)")
     s.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    s.add_argument("--threads", type=int_at_least(1), default=None,
+                   help="torch's intra-op threads on a CPU (default: 1 for models under 5M parameters, unless "
+                        "OMP_NUM_THREADS says otherwise; more threads can be far slower on a busy machine)")
     s.add_argument("--grid", type=int_at_least(0), default=64, help="images in grid.png (default 64; 0: no grid)")
     s.add_argument("--remove-shards", action="store_true", help="delete the shards once samples.npz is written")
     s.add_argument("--out", required=True, type=folder,
@@ -149,7 +152,7 @@ def _cmd_sample(args, parser) -> int:
                     spacing=args.spacing,
                     t_min=args.t_min, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
                     device=args.device, grid=args.grid, keep_shards=not args.remove_shards,
-                    progress=not args.quiet, source=source)
+                    progress=not args.quiet, source=source, threads=args.threads)
     print(f"wrote {path}" + (f" and {args.out / 'grid.png'}" if args.grid else ""))
     return 0
 

@@ -351,3 +351,23 @@ def test_sample_adaptive_solver_tolerances(tiny_model, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert run_sample(folder, tmp_path / "ddim", n=2) == 0
     assert "rtol" not in json.loads((tmp_path / "ddim" / "manifest.json").read_text())  # older folders still resume
+
+
+def test_sample_runs_small_models_on_one_thread_unless_told(tiny_model, tmp_path, monkeypatch):
+    """On a CPU a small model samples on one intra-op thread (on a busy 2-core machine two threads were ~100×
+    slower), unless --threads (or OMP_NUM_THREADS) says otherwise; the thread count is restored afterwards."""
+    folder, _ = tiny_model
+    seen = []
+    real = generate.sample_batch
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "sample_batch", spy)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    assert run_sample(folder, tmp_path / "a", n=2, batch=2) == 0
+    assert run_sample(folder, tmp_path / "b", "--threads", "2", n=2, batch=2) == 0
+    assert seen == [1, 2] and torch.get_num_threads() == before

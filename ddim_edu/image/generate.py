@@ -60,6 +60,7 @@ from ..solvers import ADAPTIVE, ADAPTIVE_ATOL, ADAPTIVE_RTOL, METHODS, check_opt
 from ..utils.checks import check_int, resolve_device
 from ..utils.files import folder_lock, remove_stale_temporaries, save_json_atomic, save_npz_atomic
 from ..utils.seeds import derive_seed
+from ..utils.threads import SMALL_WORK_PARAMETERS, choose_threads, intra_op_threads
 from .data import float_to_pixels
 from .grids import save_png, tile
 from .unet import UNet
@@ -340,6 +341,7 @@ def generate(
     keep_shards: bool = True,
     progress: bool = True,
     source: str = "",
+    threads: int | None = None,
 ) -> Path:
     """Sample ``num_images`` images into ``out`` (resumable, see the module docstring); returns ``out/samples.npz``.
 
@@ -349,8 +351,11 @@ def generate(
     ``keep_shards=False`` the shards are deleted once ``samples.npz`` is written; a later call with
     the same arguments then finds ``samples.npz`` and no shards, checks it against the SHA-256 the
     manifest recorded, and returns at once. ``rtol``, ``atol``: the tolerances of an adaptive solver
-    (None: its defaults; recorded in the manifest). Raises :class:`~ddim_edu.utils.files.FolderInUse`
-    if another process is writing into ``out``.
+    (None: its defaults; recorded in the manifest). ``threads``: torch's intra-op threads while sampling;
+    by default one for a model under 5M parameters on a CPU, unless ``OMP_NUM_THREADS`` or
+    ``torch.set_num_threads`` chose a number (:mod:`ddim_edu.utils.threads`: on a busy machine more threads
+    can be many times slower). Raises :class:`~ddim_edu.utils.files.FolderInUse` if another process is
+    writing into ``out``.
     """
     check_options(method, eta=eta, final_step=final_step, rtol=rtol, atol=atol)
     tols = tolerances(method, rtol, atol)
@@ -369,6 +374,8 @@ def generate(
     if out.exists() and not out.is_dir():
         raise ValueError(f"out (--out) {out} exists and is not a folder")
     device = resolve_device(device)
+    small = device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_WORK_PARAMETERS
+    n_threads = choose_threads(threads, small)
     schedule = linear_schedule()
     timesteps = schedule.timesteps(steps, spacing, **({} if t_min is None else {"t_min": t_min}))
     check_options(method, len(timesteps), final_step=final_step)  # τ long enough, before any file is written
@@ -382,7 +389,7 @@ def generate(
         out.mkdir(parents=True, exist_ok=True)
     except FileExistsError:  # a dangling symbolic link, or a file made since the check above
         raise ValueError(f"out (--out) {out} exists and is not a folder") from None
-    with folder_lock(out):
+    with folder_lock(out), intra_op_threads(n_threads):
         return _generate_locked(model, out, manifest, schedule, timesteps, method=method, eta=eta, final_step=final_step,
                                 tols=tols, num_images=num_images, batch_size=batch_size, seed=seed, device=device,
                                 grid=grid, keep_shards=keep_shards, progress=progress)
