@@ -13,8 +13,11 @@ KID values and cannot be compared with published ones:
   :func:`~ddim_edu.evaluation.fid.frechet_distance`, as FID does with Inception features);
 - :func:`kernel_distance`: KID's unbiased MMD² estimate with the cubic polynomial kernel, averaged
   over random subsets, with its standard error; it takes any features [N, D];
+- :func:`frechet_bootstrap`: the Fréchet distance between bootstrap resamples of both sets, whose
+  spread is its standard error (and, paired across generators, that of their differences);
 - :func:`digits_distances` computes both for two sets of images, and :func:`digits_floor` for two
-  disjoint sets of real digits: the value a perfect generator would get at that set size.
+  disjoint sets of real digits (:func:`disjoint_digits`): the value a perfect generator would get
+  at that set size.
 
 Images are float [N, 1, 8, 8] in [-1, 1] (the data's and the model's range), or uint8 pixels
 [N, 8, 8, 1] (what :mod:`ddim_edu.image.generate` writes to ``samples.npz``), [N, 1, 8, 8] or [N, 8, 8].
@@ -48,6 +51,8 @@ __all__ = [
     "digits_distances",
     "digits_features",
     "digits_floor",
+    "disjoint_digits",
+    "frechet_bootstrap",
     "frechet_digits_distance",
     "kernel_distance",
     "load_digits_classifier",
@@ -266,6 +271,40 @@ def frechet_digits_distance(x, y, model: DigitsClassifier | None = None) -> floa
     return frechet_distance(*feature_statistics(fx), *feature_statistics(fy))
 
 
+def frechet_bootstrap(features_x, features_y, *, replicates: int = 200,
+                      generator: torch.Generator | None = None) -> np.ndarray:
+    """The Fréchet distance² between bootstrap resamples of features x [N, D] and y [M, D]: an array [replicates].
+
+    Each replicate draws N rows of x and M rows of y with replacement (Efron's bootstrap of both
+    sets) and computes the distance of :func:`frechet_digits_distance` between them. The replicates'
+    std (ddof 1) is the bootstrap standard error of the full-set distance: unlike KID's standard
+    error, it covers the draw of both sets. Their mean lies above the full-set distance (a resample
+    holds about 63 % distinct rows, so the plug-in bias is larger); report the full-set distance
+    with the std, not the replicates' mean.
+
+    Paired comparisons: the indices come from ``generator`` (default: seeded with 0) and depend only
+    on N, M and its state, so calls with identically seeded generators and equal set sizes resample
+    the same rows. For generators run from the same x_T (row i of every sample set comes from the
+    same x_T[i]) against one reference set, the std of the difference of two such arrays is the
+    standard error of the difference of the two distances, far below either one's own when the
+    reference set's share of the spread is common to both.
+    """
+    x, y = _as_features(features_x, "features_x"), _as_features(features_y, "features_y")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"features_x and features_y must have the same dimension D, got {tuple(x.shape)} and {tuple(y.shape)}")
+    check_int("replicates", replicates, minimum=2)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    g = torch.Generator().manual_seed(0) if generator is None else generator
+    fx, fy = x.numpy(), y.numpy()
+    out = np.empty(replicates)
+    for b in range(replicates):
+        i = torch.randint(len(fx), (len(fx),), generator=g).numpy()
+        j = torch.randint(len(fy), (len(fy),), generator=g).numpy()
+        out[b] = frechet_distance(*feature_statistics(fx[i]), *feature_statistics(fy[j]))
+    return out
+
+
 # --- the kernel distance (KID) -------------------------------------------------------------------
 
 
@@ -339,34 +378,59 @@ def kernel_distance(features_x, features_y, *, subsets: int = 100, subset_size: 
 
 @dataclass(frozen=True)
 class DigitsDistances:
-    """:func:`frechet_digits_distance` and :func:`kernel_distance` (with its standard error) between two sets of digits."""
+    """:func:`frechet_digits_distance` and :func:`kernel_distance` (with its standard error) between two sets of
+    digits; ``frechet_standard_error`` is the bootstrap one of :func:`frechet_bootstrap` (NaN when not computed)."""
 
     frechet: float
     kernel: float
     kernel_standard_error: float
     n_x: int
     n_y: int
+    frechet_standard_error: float = math.nan
 
 
 def digits_distances(x, y, *, model: DigitsClassifier | None = None, subsets: int = 100, subset_size: int | None = None,
-                     generator: torch.Generator | None = None) -> DigitsDistances:
+                     generator: torch.Generator | None = None, bootstrap: int = 0) -> DigitsDistances:
     """Both distances between digits ``x`` and ``y`` in the classifier's features (the features are computed once).
 
     ``subset_size`` defaults to min(100, N, M); the other KID arguments are those of :func:`kernel_distance`.
+    ``bootstrap`` > 0: that many replicates of :func:`frechet_bootstrap`, drawn from ``generator`` after
+    KID's subsets, give ``frechet_standard_error``.
     """
     fx, fy = _two_sets(x, y, model)
     size = min(100, len(fx), len(fy)) if subset_size is None else subset_size
-    kid = kernel_distance(fx, fy, subsets=subsets, subset_size=size, generator=generator)
+    check_int("bootstrap", bootstrap, minimum=0)
+    if bootstrap == 1:
+        raise ValueError("bootstrap must be 0 (no standard error) or at least 2 replicates, got 1")
+    g = torch.Generator().manual_seed(0) if generator is None else generator
+    kid = kernel_distance(fx, fy, subsets=subsets, subset_size=size, generator=g)
     fd = frechet_distance(*feature_statistics(fx), *feature_statistics(fy))
-    return DigitsDistances(fd, kid.value, kid.standard_error, len(fx), len(fy))
+    se = float(frechet_bootstrap(fx, fy, replicates=bootstrap, generator=g).std(ddof=1)) if bootstrap else math.nan
+    return DigitsDistances(fd, kid.value, kid.standard_error, len(fx), len(fy), se)
+
+
+def disjoint_digits(n: int, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Two disjoint random sets of ``n`` real digits [n, 1, 8, 8]: the first n and the next n images of a
+    random permutation (``seed``) of the "all" split (1,797 images, so n <= 898).
+
+    The first set is the reference a generator's n samples are compared with, the second what
+    :func:`digits_floor` compares it with; the first set for a smaller n is the start of the one for
+    a larger n (same seed).
+    """
+    check_int("n", n, minimum=2)
+    images, _ = load_digits("all")
+    if 2 * n > len(images):
+        raise ValueError(f"n must be at most {len(images) // 2} (two disjoint sets of {len(images)} digits), got {n}")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return images[order[:n]], images[order[n:2 * n]]
 
 
 def digits_floor(n: int, *, seed: int = 0, model: DigitsClassifier | None = None, subsets: int = 100,
-                 subset_size: int | None = None) -> DigitsDistances:
+                 subset_size: int | None = None, bootstrap: int = 0) -> DigitsDistances:
     """Both distances between two disjoint random sets of ``n`` real digits each: what a perfect generator scores.
 
-    The two sets are the first n and the next n images of a random permutation (``seed``) of the
-    "all" split (1,797 images, so n <= 898); KID's subsets come from a generator seeded with
+    The two sets are those of :func:`disjoint_digits` (``n``, ``seed``); KID's subsets (and the
+    ``bootstrap`` replicates of :func:`digits_distances`) come from a generator seeded with
     ``seed + 1``. Each set is a random draw, as a generator's n samples are, so the floor holds
     only what the finite set size does: the Fréchet distance's upward bias of O(D/n) and KID's
     spread around 0. Held-out against train images would not do: the held-out split is stratified
@@ -379,11 +443,7 @@ def digits_floor(n: int, *, seed: int = 0, model: DigitsClassifier | None = None
     standard error covers the subset sampling only; drawing other sets (another ``seed``) moves
     both distances by more, so call it with a few seeds to see the floor's spread.
     """
-    check_int("n", n, minimum=2)
-    images, _ = load_digits("all")
-    if 2 * n > len(images):
-        raise ValueError(f"n must be at most {len(images) // 2} (two disjoint sets of {len(images)} digits), got {n}")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    reference, other = disjoint_digits(n, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
-    return digits_distances(images[order[:n]], images[order[n:2 * n]], model=model, subsets=subsets,
-                            subset_size=subset_size, generator=g)
+    return digits_distances(reference, other, model=model, subsets=subsets, subset_size=subset_size, generator=g,
+                            bootstrap=bootstrap)
