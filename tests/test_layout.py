@@ -20,7 +20,7 @@ ALLOWED = {
     "image": {"core", "utils", "image"},
     "evaluation": {"core", "utils", "image", "evaluation"},
     "interop": {"core", "utils"},
-    "top": {"core", "utils", "toy", "image", "evaluation", "interop", "top"},  # cli, demo, __main__
+    "top": {"core", "utils", "toy", "image", "evaluation", "interop", "top"},  # cli, demo, exercises, __main__
 }
 
 
@@ -31,7 +31,7 @@ def layer(module: str) -> str:
         return head
     if head in CORE:
         return "core"
-    if head in ("cli", "demo", "__main__"):
+    if head in ("cli", "demo", "exercises", "__main__"):
         return "top"
     raise AssertionError(f"ddim_edu.{module} belongs to no layer: add it to tests/test_layout.py")
 

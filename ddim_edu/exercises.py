@@ -1,0 +1,248 @@
+"""Graders for the notebooks' exercises: a student writes the key step, the library says whether it is right.
+
+Each ``check_*`` takes the student's function, runs it on seeded float64 inputs beside the
+library's own implementation of the same equation, and returns a :class:`Verdict`: right or not
+yet, the largest difference measured, and a hint aimed at the usual mistake. A Verdict prints as
+one line in a notebook and is truthy when the answer is right, so a solution can
+``assert check_...(answer)``.
+
+Symbols as in the paper and :mod:`ddim_edu.forward`: ``alpha`` is α_t (the cumulative product,
+DDPM's ᾱ_t), ``alpha_prev`` is α_{t-1}, ``sigma`` the noise std σ_t of Eq 7; for Eq 14 ``s`` is the
+ODE variable σ = sqrt((1-α)/α) and ``x_bar`` = x/sqrt(α).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .forward import q_sample, q_sigma_reverse_mean, sigma_eta
+from .mixture import GaussianMixture
+from .sampling import ddim_step_coefficients, predict_x0
+from .schedules import linear_schedule
+from .solvers import integrate, sample
+from .theorem1 import gamma_exact, sigmas_for_eta
+
+__all__ = [
+    "Verdict",
+    "check_c_t",
+    "check_ddpm_weight",
+    "check_eq12_step",
+    "check_heun_sigma",
+    "check_q_sample",
+    "check_reverse_mean",
+    "check_sigma_eta",
+    "check_single_point_eps",
+]
+
+TOLERANCE = 1e-10  # relative, in float64: a right answer differs from the library's by rounding only
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one exercise: whether it is right, what was measured, and a hint when it is not."""
+
+    exercise: str
+    right: bool
+    measured: str
+    hint: str = ""
+
+    def __bool__(self) -> bool:
+        return self.right
+
+    def __str__(self) -> str:
+        if self.right:
+            return f"✔ {self.exercise}: right ({self.measured})."
+        return f"✘ {self.exercise}: not yet ({self.measured}). Hint: {self.hint}"
+
+    __repr__ = __str__
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _alphas(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """n pairs (α_t, α_{t-1}) of DDPM's linear schedule at random t in 2..T (float64 [n] each)."""
+    schedule = linear_schedule()
+    t = torch.randint(1, schedule.T, (n,), generator=_generator(seed))
+    return schedule.alphas_cumprod[t], schedule.alphas_cumprod[t - 1]
+
+
+def _compare(exercise: str, answer_of: Callable[[], object], expected: Tensor, hint: str,
+             mistakes: dict[str, Tensor] | None = None) -> Verdict:
+    """Run the student's function and compare its result with ``expected`` (relative max difference)."""
+    try:
+        got = answer_of()
+    except NotImplementedError:
+        return Verdict(exercise, False, "the function still raises NotImplementedError", hint)
+    except Exception as err:  # a student's error is reported, not raised: the notebook goes on
+        return Verdict(exercise, False, f"it raised {type(err).__name__}: {err}", hint)
+    got = torch.as_tensor(got, dtype=torch.float64)
+    if got.shape != expected.shape:
+        return Verdict(exercise, False, f"shape {tuple(got.shape)}, expected {tuple(expected.shape)}",
+                       "return one value per input element, with the inputs' shape (broadcast the coefficients)")
+    if not torch.isfinite(got).all():
+        return Verdict(exercise, False, "the result holds NaN or inf", hint)
+    scale = expected.abs().max().clamp_min(1e-300)
+    error = float((got - expected).abs().max() / scale)
+    if error <= TOLERANCE:
+        return Verdict(exercise, True, f"max relative difference to the library {error:.1e} ≤ {TOLERANCE:.0e}")
+    for mistake, wrong in (mistakes or {}).items():
+        if float((got - wrong).abs().max() / scale) <= TOLERANCE:
+            return Verdict(exercise, False, f"max relative difference {error:.1e}", mistake)
+    return Verdict(exercise, False, f"max relative difference to the library {error:.1e} > {TOLERANCE:.0e}", hint)
+
+
+# --- notebook 01: the forward processes ---------------------------------------------------------
+
+
+def check_q_sample(fn: Callable) -> Verdict:
+    """Eq 4: ``fn(x0, alpha, noise)`` must return x_t = sqrt(α_t) x_0 + sqrt(1-α_t) ε (α_t a [B] tensor)."""
+    g = _generator(1)
+    x0, noise = torch.randn(16, 2, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g, dtype=torch.float64)
+    alpha, _ = _alphas(16, 1)
+    a = alpha[:, None]
+    return _compare("Eq 4, a draw of q(x_t | x_0)", lambda: fn(x0, alpha, noise), q_sample(x0, alpha, noise),
+                    "x_t = sqrt(α_t)·x_0 + sqrt(1 − α_t)·ε; α_t has shape [B]: use alpha[:, None] against [B, d]",
+                    {"α_t and 1 − α_t are variances: the coefficients are their square roots": a * x0 + (1 - a) * noise})
+
+
+def check_reverse_mean(fn: Callable) -> Verdict:
+    """Eq 7's mean: ``fn(x_t, x0, alpha, alpha_prev, sigma)`` (floats for the coefficients)."""
+    g = _generator(2)
+    x_t, x0 = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64)
+    alpha, alpha_prev = (float(a[0]) for a in _alphas(1, 2))
+    sigma = 0.5 * float(sigma_eta(alpha, alpha_prev, 1.0))
+    eps = (x_t - math.sqrt(alpha) * x0) / math.sqrt(1 - alpha)
+    return _compare("Eq 7, the mean of q_σ(x_{t−1} | x_t, x_0)", lambda: fn(x_t, x0, alpha, alpha_prev, sigma),
+                    q_sigma_reverse_mean(x_t, x0, alpha, alpha_prev, sigma),
+                    "sqrt(α_{t−1})·x_0 + sqrt(1 − α_{t−1} − σ_t²)·(x_t − sqrt(α_t)·x_0)/sqrt(1 − α_t)",
+                    {"the direction's weight is sqrt(1 − α_{t−1} − σ_t²): σ_t enters squared":
+                     math.sqrt(alpha_prev) * x0 + math.sqrt(1 - alpha_prev - sigma) * eps,
+                     "the direction term points from x_0 to x_t: it is (x_t − sqrt(α_t)·x_0)/sqrt(1 − α_t), "
+                     "not x_t/sqrt(1 − α_t)": math.sqrt(alpha_prev) * x0
+                     + math.sqrt(1 - alpha_prev - sigma**2) * x_t / math.sqrt(1 - alpha)})
+
+
+def check_sigma_eta(fn: Callable) -> Verdict:
+    """Eq 16: ``fn(alpha, alpha_prev, eta)`` must return σ_t(η) for [B] tensors of α_t, α_{t-1}."""
+    alpha, alpha_prev = _alphas(32, 3)
+    eta = 0.7
+    beta = 1 - alpha / alpha_prev
+    return _compare("Eq 16, σ_t(η)", lambda: fn(alpha, alpha_prev, eta), sigma_eta(alpha, alpha_prev, eta),
+                    "η · sqrt((1 − α_{t−1})/(1 − α_t)) · sqrt(1 − α_t/α_{t−1})",
+                    {"the second factor is sqrt(1 − α_t/α_{t−1}), DDPM's sqrt(β_t) on the sub-sequence, "
+                     "not sqrt(1 − α_t)": eta * torch.sqrt((1 - alpha_prev) / (1 - alpha) * (1 - alpha)),
+                     "η multiplies the standard deviation, not the variance": eta**0.5 * torch.sqrt(
+                         (1 - alpha_prev) / (1 - alpha) * beta)})
+
+
+# --- notebook 02: Theorem 1 ---------------------------------------------------------------------
+
+
+def check_c_t(fn: Callable) -> Verdict:
+    """Theorem 1's c_t: ``fn(alpha, alpha_prev, sigma)`` with μ(x_t, x_0) − μ(x_t, f_θ) = c_t (x_0 − f_θ)."""
+    alpha, alpha_prev = _alphas(32, 4)
+    sigma = sigma_eta(alpha, alpha_prev, 0.8)
+    expected = alpha_prev.sqrt() - torch.sqrt(1 - alpha_prev - sigma**2) * torch.sqrt(alpha / (1 - alpha))
+    return _compare("Theorem 1, c_t", lambda: fn(alpha, alpha_prev, sigma), expected,
+                    "write Eq 7's mean as a·x_0 + b·x_t and read off the coefficient of x_0: "
+                    "sqrt(α_{t−1}) − sqrt(1 − α_{t−1} − σ_t²)·sqrt(α_t)/sqrt(1 − α_t)",
+                    {"x_0 appears twice in Eq 7's mean: also inside the direction term, with weight "
+                     "−sqrt(1 − α_{t−1} − σ_t²)·sqrt(α_t)/sqrt(1 − α_t)": alpha_prev.sqrt()})
+
+
+def check_ddpm_weight(fn: Callable) -> Verdict:
+    """For η = 1: ``fn(beta, alpha, sigma)`` ([T−1] tensors for t = 2..T) must return Theorem 1's exact γ_t,
+    which reduces to DDPM's β_t² / (2 σ_t² (1 − β_t)(1 − α_t))."""
+    schedule = linear_schedule()
+    sigmas = sigmas_for_eta(schedule, 1.0, sigma_1=float(schedule.betas[0].sqrt()))
+    expected = gamma_exact(schedule, sigmas)[1:]
+    beta, alpha = schedule.betas[1:].double(), schedule.alphas_cumprod[1:]
+    return _compare("Theorem 1 at η = 1, DDPM's weight γ_t", lambda: fn(beta, alpha, sigmas[1:]), expected,
+                    "with σ_t² = β_t(1 − α_{t−1})/(1 − α_t), c_t = sqrt(α_{t−1})·β_t/(1 − α_t); put it into "
+                    "γ_t = c_t²(1 − α_t)/(2σ_t² α_t) and use α_t = α_{t−1}(1 − β_t)",
+                    {"γ_t = 1/(2dσ_t²α_t) is the weight as the appendix prints it, not the exact one":
+                     1 / (2 * sigmas[1:] ** 2 * alpha)})
+
+
+# --- notebook 03: sampling ----------------------------------------------------------------------
+
+
+def check_eq12_step(fn: Callable) -> Verdict:
+    """Eq 12: ``fn(x_t, eps, alpha, alpha_prev, sigma, z)`` must return x_{t−1} (floats for the coefficients)."""
+    g = _generator(5)
+    x_t, eps, z = (torch.randn(8, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    alpha, alpha_prev = (float(a[0]) for a in _alphas(1, 5))
+    sigma = float(sigma_eta(alpha, alpha_prev, 0.6))
+    a, b = ddim_step_coefficients(alpha, alpha_prev, sigma)
+    x0_hat = predict_x0(x_t, eps, alpha)
+    return _compare("Eq 12, one step", lambda: fn(x_t, eps, alpha, alpha_prev, sigma, z), a * x_t + b * eps + sigma * z,
+                    "x_{t−1} = sqrt(α_{t−1})·f_θ + sqrt(1 − α_{t−1} − σ_t²)·ε_θ + σ_t·z with "
+                    "f_θ = (x_t − sqrt(1 − α_t)·ε_θ)/sqrt(α_t) (Eq 9)",
+                    {"the noise term is missing: add σ_t·z": a * x_t + b * eps,
+                     "the direction's weight is sqrt(1 − α_{t−1} − σ_t²), not sqrt(1 − α_{t−1})":
+                     math.sqrt(alpha_prev) * x0_hat + math.sqrt(1 - alpha_prev) * eps + sigma * z})
+
+
+def check_single_point_eps(fn: Callable) -> Verdict:
+    """``fn(x, alpha, x0)``: the exact ε for data that is the single point x0 [d] (x [B, d], alpha [B]).
+
+    Then q(x_0) is a point mass, ε = (x − sqrt(α) x0)/sqrt(1 − α) exactly, and DDIM (η = 0) keeps every
+    sample on the line x_t = sqrt(α_t) x0 + sqrt(1 − α_t) ε_T: the checker runs DDIM with the student's ε
+    and reports how far the trajectory leaves that line.
+    """
+    exercise = "the η = 0 path for one data point"
+    x0 = torch.tensor([1.5, -0.5], dtype=torch.float64)
+    g = _generator(6)
+    x = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    alpha, _ = _alphas(8, 6)
+    expected = (x - alpha.sqrt()[:, None] * x0) / (1 - alpha).sqrt()[:, None]  # x = sqrt(α) x0 + sqrt(1 − α) ε
+    verdict = _compare(exercise, lambda: fn(x, alpha, x0), expected,
+                       "solve x = sqrt(α)·x0 + sqrt(1 − α)·ε for ε")
+    if not verdict:
+        return verdict
+    schedule = linear_schedule()
+    tau = schedule.timesteps(10, "uniform")
+    x_T = torch.randn(4, 2, generator=g, dtype=torch.float64)
+
+    def model(x, t):
+        return torch.as_tensor(fn(x, schedule.alphas_cumprod[t.long()], x0), dtype=torch.float64)
+
+    trajectory = sample(model, x_T, schedule, tau, method="ddim", eta=0.0, return_trajectory=True)  # [S + 1, B, d]
+    alpha_T = schedule.alphas_cumprod[int(tau[-1])]
+    eps_T = (x_T - alpha_T.sqrt() * x0) / (1 - alpha_T).sqrt()
+    alphas = [schedule.alphas_cumprod[int(t)] for t in reversed(tau.tolist())] + [torch.tensor(1.0, dtype=torch.float64)]
+    off = max(float((x_t - (a.sqrt() * x0 + (1 - a).sqrt() * eps_T)).abs().max()) for x_t, a in zip(trajectory, alphas))
+    right = off <= 1e-10
+    return Verdict(exercise, right, f"{verdict.measured}; DDIM's samples leave the line sqrt(α_t)·x0 + sqrt(1 − α_t)·ε_T "
+                   f"by at most {off:.1e} at every step", "" if right else "compare your ε with the closed form")
+
+
+# --- notebook 04: the ODE -----------------------------------------------------------------------
+
+
+def check_heun_sigma(fn: Callable) -> Verdict:
+    """One step of Heun's method on Eq 14 in σ: ``fn(eps, x_bar, s, s_next)`` with ``eps(x_bar, s)`` the field.
+
+    Compared with the library's ``heun`` (``METHODS["heun"]``) on the exact field of the 8-Gaussian ring,
+    from s = 2 to s_next = 1.2 (s_next > 0: the last step into σ = 0 is Euler's in both).
+    """
+    ring = GaussianMixture.ring()
+
+    def eps(x_bar, s):
+        s = torch.as_tensor(s, dtype=torch.float64)
+        alpha = 1 / (1 + s**2)  # α = 1/(1 + σ²)
+        return ring.eps(x_bar * alpha.sqrt(), alpha)
+
+    x_bar = torch.randn(16, 2, generator=_generator(7), dtype=torch.float64) * math.sqrt(1 + 2.0**2)
+    expected = integrate(eps, x_bar, [2.0, 1.2], "heun")
+    euler = x_bar + (1.2 - 2.0) * eps(x_bar, 2.0)
+    return _compare("Heun's method in σ, one step", lambda: fn(eps, x_bar, 2.0, 1.2), expected,
+                    "predict with Euler, x̃ = x̄ + (σ' − σ)·ε(x̄, σ), then correct with the mean slope: "
+                    "x̄' = x̄ + (σ' − σ)·(ε(x̄, σ) + ε(x̃, σ'))/2",
+                    {"that is Euler's step: Heun adds the corrector with the slope at the predicted point": euler})

@@ -1,0 +1,111 @@
+"""The exercise graders: a right answer, written independently of the library from the paper's equations,
+passes; each usual mistake fails with the hint aimed at it; errors and unfinished answers are reported."""
+import math
+
+import pytest
+import torch
+
+from ddim_edu import exercises as ex
+
+
+def col(a, x):
+    a = torch.as_tensor(a, dtype=torch.float64)
+    return a[:, None] if a.ndim == 1 else a
+
+
+# --- right answers, from the equations ---------------------------------------------------------------------
+
+
+def q_sample(x0, alpha, noise):
+    return col(alpha, x0).sqrt() * x0 + (1 - col(alpha, x0)).sqrt() * noise
+
+
+def reverse_mean(x_t, x0, alpha, alpha_prev, sigma):
+    return (math.sqrt(alpha_prev) * x0
+            + math.sqrt(1 - alpha_prev - sigma**2) * (x_t - math.sqrt(alpha) * x0) / math.sqrt(1 - alpha))
+
+
+def sigma_eta(alpha, alpha_prev, eta):
+    return eta * ((1 - alpha_prev) / (1 - alpha)).sqrt() * (1 - alpha / alpha_prev).sqrt()
+
+
+def c_t(alpha, alpha_prev, sigma):
+    return alpha_prev.sqrt() - (1 - alpha_prev - sigma**2).sqrt() * alpha.sqrt() / (1 - alpha).sqrt()
+
+
+def ddpm_weight(beta, alpha, sigma):
+    return beta**2 / (2 * sigma**2 * (1 - beta) * (1 - alpha))
+
+
+def eq12_step(x_t, eps, alpha, alpha_prev, sigma, z):
+    f = (x_t - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha)
+    return math.sqrt(alpha_prev) * f + math.sqrt(1 - alpha_prev - sigma**2) * eps + sigma * z
+
+
+def single_point_eps(x, alpha, x0):
+    return (x - col(alpha, x).sqrt() * x0) / (1 - col(alpha, x)).sqrt()
+
+
+def heun(eps, x_bar, s, s_next):
+    d = eps(x_bar, s)
+    x_pred = x_bar + (s_next - s) * d
+    return x_bar + (s_next - s) * (d + eps(x_pred, s_next)) / 2
+
+
+RIGHT = [(ex.check_q_sample, q_sample), (ex.check_reverse_mean, reverse_mean), (ex.check_sigma_eta, sigma_eta),
+         (ex.check_c_t, c_t), (ex.check_ddpm_weight, ddpm_weight), (ex.check_eq12_step, eq12_step),
+         (ex.check_single_point_eps, single_point_eps), (ex.check_heun_sigma, heun)]
+
+
+@pytest.mark.parametrize("check, answer", RIGHT, ids=lambda v: getattr(v, "__name__", ""))
+def test_a_right_answer_is_told_right(check, answer):
+    verdict = check(answer)
+    assert verdict and verdict.right, verdict
+    assert str(verdict).startswith("✔") and "≤ 1e-10" in str(verdict)
+
+
+# --- the usual mistakes ------------------------------------------------------------------------------------
+
+
+MISTAKES = [
+    (ex.check_q_sample, lambda x0, a, n: col(a, x0) * x0 + (1 - col(a, x0)) * n, "square roots"),
+    (ex.check_reverse_mean, lambda x_t, x0, a, ap, s: math.sqrt(ap) * x0
+     + math.sqrt(1 - ap - s) * (x_t - math.sqrt(a) * x0) / math.sqrt(1 - a), "σ_t enters squared"),
+    (ex.check_sigma_eta, lambda a, ap, eta: eta * ((1 - ap) / (1 - a) * (1 - a)).sqrt(), "not sqrt(1 − α_t)"),
+    (ex.check_c_t, lambda a, ap, s: ap.sqrt(), "x_0 appears twice"),
+    (ex.check_ddpm_weight, lambda b, a, s: 1 / (2 * s**2 * a), "as the appendix prints it"),
+    (ex.check_eq12_step, lambda x, e, a, ap, s, z: eq12_step(x, e, a, ap, s, 0 * z), "noise term is missing"),
+    (ex.check_heun_sigma, lambda eps, x, s, sn: x + (sn - s) * eps(x, s), "that is Euler's step"),
+]
+
+
+@pytest.mark.parametrize("check, answer, hint", MISTAKES, ids=lambda v: getattr(v, "__name__", ""))
+def test_a_usual_mistake_gets_its_hint(check, answer, hint):
+    verdict = check(answer)
+    assert not verdict and str(verdict).startswith("✘")
+    assert hint in verdict.hint, verdict
+
+
+def test_a_wrong_answer_without_a_known_mistake_gets_the_general_hint():
+    verdict = ex.check_sigma_eta(lambda a, ap, eta: 1.01 * sigma_eta(a, ap, eta))
+    assert not verdict and "max relative difference to the library 1.0e-02 > 1e-10" in str(verdict)
+    assert "η · sqrt((1 − α_{t−1})/(1 − α_t))" in verdict.hint
+
+
+def test_unfinished_failing_and_misshaped_answers_are_reported_not_raised():
+    def unfinished(*args):
+        raise NotImplementedError
+
+    assert "still raises NotImplementedError" in str(ex.check_eq12_step(unfinished))
+    assert "raised ZeroDivisionError" in str(ex.check_eq12_step(lambda *a: 1 / 0))
+    shape = ex.check_q_sample(lambda x0, a, n: (x0 + n).sum(1))
+    assert "shape (16,), expected (16, 2)" in str(shape)
+    assert "NaN" in str(ex.check_sigma_eta(lambda a, ap, eta: a * math.nan))
+
+
+def test_the_single_point_checker_runs_ddim_and_measures_the_line():
+    """A right ε puts DDIM's whole η = 0 trajectory on the line (a fact of Eq 12, here measured); an ε that is
+    right only up to a factor fails the first comparison."""
+    verdict = ex.check_single_point_eps(single_point_eps)
+    assert "leave the line" in verdict.measured
+    assert not ex.check_single_point_eps(lambda x, a, x0: 0.5 * single_point_eps(x, a, x0))
