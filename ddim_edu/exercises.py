@@ -246,3 +246,50 @@ def check_heun_sigma(fn: Callable) -> Verdict:
                     "predict with Euler, x̃ = x̄ + (σ' − σ)·ε(x̄, σ), then correct with the mean slope: "
                     "x̄' = x̄ + (σ' − σ)·(ε(x̄, σ) + ε(x̃, σ'))/2",
                     {"that is Euler's step: Heun adds the corrector with the slope at the predicted point": euler})
+
+
+# --- notebook 02: Theorem 1's constant C --------------------------------------------------------
+
+__all__ += ["check_constant_C"]
+
+
+def check_constant_C(fn: Callable) -> Verdict:
+    """Theorem 1's constant: ``fn(alpha_T, sigma_1, d, second_moment)`` (floats and an int in, a float out) must
+    return C = E[KL(N(sqrt(α_T) x_0, (1 − α_T) I) ‖ N(0, I))] + (d/2) log(2π σ_1²), with E‖x_0‖² = second_moment.
+
+    Compared with :func:`ddim_edu.theorem1.constant_C` on three schedules (α_T from about 4e-5 to 0.8), σ_1 and d.
+    """
+    from .theorem1 import constant_C
+
+    cases = [(linear_schedule(), None, 2, 1.0), (linear_schedule(T=20), 0.05, 64, 30.0),
+             (linear_schedule(T=100, beta_end=0.05), 0.3, 3, 2.5)]
+    args, expected = [], []
+    for schedule, sigma_1, d, m2 in cases:
+        sigma_1 = float(schedule.betas[0].sqrt()) if sigma_1 is None else sigma_1
+        sigmas = sigmas_for_eta(schedule, 1.0, sigma_1)
+        args.append((float(schedule.alphas_cumprod[-1]), sigma_1, d, m2))
+        expected.append(constant_C(schedule, sigmas, d, m2))
+    expected = torch.stack(expected)
+
+    def kl_T(a, d, m2, *, dims=True, mean=True, log_sign=-1.0):
+        n = d if dims else 1
+        return 0.5 * (n * (1 - a) + (a * m2 if mean else 0.0) - n + log_sign * n * math.log(1 - a))
+
+    def wrong(kl=kl_T, decoder=lambda d, s: 0.5 * d * math.log(2 * math.pi * s**2)):
+        return torch.tensor([kl(a, d, m2) + decoder(d, s) for a, s, d, m2 in args], dtype=torch.float64)
+
+    return _compare("Theorem 1, the constant C",
+                    lambda: torch.stack([torch.as_tensor(fn(*a), dtype=torch.float64).reshape(()) for a in args]),
+                    expected,
+                    "C = ½(d(1 − α_T) + α_T·E‖x_0‖² − d − d·log(1 − α_T)) + (d/2)·log(2π σ_1²): the prior KL of "
+                    "x_T and the normaliser of the decoder −log p_θ^(1)",
+                    {"the decoder −log p_θ^(1)(x_0|x_1) = ‖x_0 − f_θ‖²/(2σ_1²) + (d/2)·log(2π σ_1²): its second "
+                     "part does not depend on ε_θ and belongs to C": wrong(decoder=lambda d, s: 0.0),
+                     "σ_1² is the decoder's variance: its normaliser is (d/2)·log(2π σ_1²), not (d/2)·log(2π σ_1)":
+                     wrong(decoder=lambda d, s: 0.5 * d * math.log(2 * math.pi * s)),
+                     "the trace and log-determinant terms of the KL count each of the d coordinates":
+                     wrong(kl=lambda a, d, m2: kl_T(a, d, m2, dims=False)),
+                     "the prior's mean sqrt(α_T)·x_0 contributes α_T·E‖x_0‖²/2 to the KL":
+                     wrong(kl=lambda a, d, m2: kl_T(a, d, m2, mean=False)),
+                     "KL(N(m, v I) ‖ N(0, I)) = ½(d·v + ‖m‖² − d − d·log v): the log term enters with a minus sign":
+                     wrong(kl=lambda a, d, m2: kl_T(a, d, m2, log_sign=1.0))})

@@ -109,3 +109,31 @@ def test_the_single_point_checker_runs_ddim_and_measures_the_line():
     verdict = ex.check_single_point_eps(single_point_eps)
     assert "leave the line" in verdict.measured
     assert not ex.check_single_point_eps(lambda x, a, x0: 0.5 * single_point_eps(x, a, x0))
+
+
+# --- notebook 02: Theorem 1's constant C ---------------------------------------------------------------
+
+
+def constant_C(alpha_T, sigma_1, d, second_moment):
+    """E KL(N(sqrt(α_T) x_0, (1 − α_T) I) ‖ N(0, I)) + (d/2) log(2π σ_1²), from the Gaussian KL's formula."""
+    v = 1 - alpha_T
+    prior_kl = 0.5 * (d * v + alpha_T * second_moment - d - d * math.log(v))
+    return prior_kl + 0.5 * d * math.log(2 * math.pi) + d * math.log(sigma_1)
+
+
+def test_the_constant_C_right_answer_is_told_right():
+    verdict = ex.check_constant_C(constant_C)
+    assert verdict and str(verdict).startswith("✔") and "≤ 1e-10" in str(verdict)
+    assert "check_constant_C" in ex.__all__
+
+
+@pytest.mark.parametrize("answer, hint", [
+    (lambda a, s, d, m2: constant_C(a, s, d, m2) - 0.5 * d * math.log(2 * math.pi * s**2), "belongs to C"),
+    (lambda a, s, d, m2: constant_C(a, s, d, m2) - 0.5 * d * math.log(s), "not (d/2)·log(2π σ_1)"),
+    (lambda a, s, d, m2: constant_C(a, s, 1, m2) + 0.5 * (d - 1) * math.log(2 * math.pi * s**2), "each of the d"),
+    (lambda a, s, d, m2: constant_C(a, s, d, m2) - 0.5 * a * m2, "contributes α_T·E‖x_0‖²/2"),
+    (lambda a, s, d, m2: constant_C(a, s, d, m2) + d * math.log(1 - a), "enters with a minus sign"),
+], ids=["no decoder term", "log sigma", "no d in the KL", "no mean term", "log sign"])
+def test_the_constant_C_usual_mistakes_get_their_hints(answer, hint):
+    verdict = ex.check_constant_C(answer)
+    assert not verdict and hint in verdict.hint, verdict
