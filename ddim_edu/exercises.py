@@ -293,3 +293,152 @@ def check_constant_C(fn: Callable) -> Verdict:
                      wrong(kl=lambda a, d, m2: kl_T(a, d, m2, mean=False)),
                      "KL(N(m, v I) ‖ N(0, I)) = ½(d·v + ‖m‖² − d − d·log v): the log term enters with a minus sign":
                      wrong(kl=lambda a, d, m2: kl_T(a, d, m2, log_sign=1.0))})
+
+
+# --- notebook 04: Eq 14's noise level σ, and Euler in t ------------------------------------------
+
+__all__ += ["check_alpha_from_sigma", "check_euler_t_step"]
+
+
+def check_alpha_from_sigma(fn: Callable) -> Verdict:
+    """``fn(s)``: α from Eq 14's noise level σ = sqrt((1 − α)/α), for a tensor of σ's (the inverse change of variables)."""
+    from .schedules import Schedule
+
+    s = torch.cat([torch.tensor([0.0, 1e-3, 1.0], dtype=torch.float64),
+                   torch.rand(13, generator=_generator(8), dtype=torch.float64).mul(5).exp()])  # 0 .. about 150
+    return _compare("α from the noise level σ", lambda: fn(s), Schedule.alpha_bar_from_sigma(s),
+                    "square σ = sqrt((1 − α)/α) and solve σ²·α = 1 − α for α",
+                    {"σ² = (1 − α)/α, not σ: α = 1/(1 + σ²)": 1 / (1 + s),
+                     "that is sqrt(α), the factor between x and x̄ = x/sqrt(α); α itself is 1/(1 + σ²)":
+                     1 / (1 + s**2).sqrt(),
+                     "that is 1 − α, the noise's variance; α = 1/(1 + σ²)": s**2 / (1 + s**2)})
+
+
+def check_euler_t_step(fn: Callable) -> Verdict:
+    """One step of Euler's method on Eq 14 written in the timestep t: ``fn(eps, x_bar, t, t_next, sigma, beta)``
+    with ``eps(x_bar, s)`` the field, ``sigma(t)`` the noise level σ(t) and ``beta(t)`` = −d log α/dt (floats).
+
+    Compared with :func:`ddim_edu.solvers.euler_t_step` on the exact field of the 8-Gaussian ring, for two steps
+    of DDPM's linear schedule (from t = 900 to 800 and from 60 to 0, timestep indices).
+    """
+    from .sde import VPSDE
+    from .solvers import euler_t_step
+
+    schedule = linear_schedule()
+    ring = GaussianMixture.ring()
+    vp = VPSDE(schedule)
+
+    def eps(x_bar, s):
+        alpha = 1 / (1 + float(s) ** 2)  # α = 1/(1 + σ²)
+        return ring.eps(x_bar * math.sqrt(alpha), alpha)
+
+    def sigma(t):
+        return float(schedule.sigma(float(t)))
+
+    def beta(t):
+        return float(vp.beta(float(t)))
+
+    g = _generator(9)
+    steps = [(900.0, 800.0), (60.0, 0.0)]
+    starts = [torch.randn(8, 2, generator=g, dtype=torch.float64) * math.sqrt(1 + sigma(t) ** 2) for t, _ in steps]
+
+    def each(step):
+        return torch.stack([step(x, t, t_next) for x, (t, t_next) in zip(starts, steps)])
+
+    expected = each(lambda x, t, t_next: euler_t_step(eps, x, schedule, t, t_next))
+
+    def wrong(rate):
+        return each(lambda x, t, t_next: x + (t_next - t) * rate(t) * eps(x, sigma(t)))
+
+    chord = each(lambda x, t, t_next: x + (sigma(t_next) - sigma(t)) * eps(x, sigma(t)))
+    return _compare("Euler in t on Eq 14, one step", lambda: each(lambda x, t, t_next: fn(eps, x, t, t_next, sigma, beta)),
+                    expected,
+                    "by the chain rule dx̄/dt = ε·dσ/dt; from σ² = 1/α − 1, d(σ²)/dt = β(t)(1 + σ²), so "
+                    "dσ/dt = β(t)(1 + σ²)/(2σ), taken at the start t of the step",
+                    {"that is Euler's step in σ, the chord σ(t') − σ(t) (DDIM): in t the step is the tangent "
+                     "(t' − t)·dσ/dt(t)": chord,
+                     "the step in t needs the chain rule: dx̄/dt = ε·dσ/dt, not ε": wrong(lambda t: 1.0),
+                     "d(σ²)/dt = −(1/α)·d log α/dt = β(t)/α = β(t)(1 + σ²): the factor (1 + σ²) is missing":
+                     wrong(lambda t: beta(t) / (2 * sigma(t))),
+                     "dσ/dt = d(σ²)/dt / (2σ): the ½ is missing": wrong(lambda t: beta(t) * (1 + sigma(t) ** 2) / sigma(t))})
+
+
+# --- notebook 05: the SDE view and the likelihood ------------------------------------------------
+
+__all__ += ["check_em_step", "check_log_density_scaling", "check_score_from_eps"]
+
+
+def check_score_from_eps(fn: Callable) -> Verdict:
+    """``fn(eps, alpha)``: the score ∇_x log p_t(x) from the exact ε = E[ε | x_t] at α (a [B] tensor), x of shape [B, d].
+
+    Compared with the closed-form score of the 8-Gaussian ring's noised marginal (:meth:`GaussianMixture.score`).
+    """
+    ring = GaussianMixture.ring(std=0.1)
+    alpha, _ = _alphas(32, 10)
+    x = torch.randn(32, 2, generator=_generator(10), dtype=torch.float64)
+    eps = ring.eps(x, alpha)
+    a = alpha[:, None]
+    return _compare("the score from ε", lambda: fn(eps, alpha), ring.score(x, alpha),
+                    "x_t = sqrt(α)·x_0 + sqrt(1 − α)·ε, so ∇ log p_t(x) = E[∇ log q(x_t | x_0) | x_t] = −E[ε | x_t]/sqrt(1 − α); "
+                    "α has shape [B]: use alpha[:, None] against [B, d]",
+                    {"the score points towards the data, against the noise: −ε/sqrt(1 − α)": eps / (1 - a).sqrt(),
+                     "1 − α is the noise's variance; the score divides ε by its std sqrt(1 − α)": -eps / (1 - a),
+                     "ε is divided by the noise's std sqrt(1 − α), not multiplied": -eps * (1 - a).sqrt()})
+
+
+def check_em_step(fn: Callable) -> Verdict:
+    """One Euler–Maruyama step of the reverse-time λ-family in the clock s = −log α:
+    ``fn(x, eps, alpha, alpha_prev, lam, z)`` (floats for α_t, α_{t−1} and λ) must return x at α_{t−1}.
+
+    Compared with :func:`ddim_edu.sde.euler_maruyama_coefficients` (the step of ``sample_sde``).
+    """
+    from .sde import euler_maruyama_coefficients
+
+    schedule = linear_schedule()
+    g = _generator(11)
+    x, eps, z = (torch.randn(8, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    lam = 0.7
+    tau = torch.tensor([450.0, 470.0], dtype=torch.float64)
+    a, b, c, _ = euler_maruyama_coefficients(schedule, tau, lam)
+    alpha, alpha_prev = float(schedule.alpha_bar(tau[1])), float(schedule.alpha_bar(tau[0]))
+    ds = math.log(alpha_prev) - math.log(alpha)
+    sd = math.sqrt(1 - alpha)
+    return _compare("Euler–Maruyama on the λ-family, one step", lambda: fn(x, eps, alpha, alpha_prev, lam, z),
+                    a[1] * x + b[1] * eps + c[1] * z,
+                    "with Δs = log α_{t−1} − log α_t and ∇log p = −ε/sqrt(1 − α_t): "
+                    "x' = (1 + Δs/2)·x − (1 + λ²)·Δs/(2 sqrt(1 − α_t))·ε + λ·sqrt(Δs)·z",
+                    {"Brownian noise over a step of length Δs has std sqrt(Δs): the noise term is λ·sqrt(Δs)·z":
+                     a[1] * x + b[1] * eps + lam * ds * z,
+                     "the score's weight is (1 + λ²)/2, not (1 + λ)/2":
+                     a[1] * x - (1 + lam) * ds / (2 * sd) * eps + c[1] * z,
+                     "time runs backwards: the forward drift −½x·ds becomes +½x·Δs": (1 - ds / 2) * x + b[1] * eps + c[1] * z})
+
+
+def check_log_density_scaling(fn: Callable) -> Verdict:
+    """``fn(logp_bar, alpha, d)``: log p_t(x) from the log-density of x̄ = x/sqrt(α) at the same point (α a float).
+
+    Compared with the closed form of the 8-Gaussian ring's noised marginal: x̄ = x_0 + σ ε is the ring with
+    variance s² + σ² per component, and its log-density at x/sqrt(α) must turn into ``ring.log_prob(x, α)``.
+    """
+    ring = GaussianMixture.ring(std=0.1)
+    x = torch.randn(16, 2, generator=_generator(12), dtype=torch.float64)
+    out = []
+    for alpha in (0.9, 0.3, 0.02):
+        s = math.sqrt((1 - alpha) / alpha)  # σ of Eq 14
+        ve = GaussianMixture(ring.means, (ring.stds**2 + s**2).sqrt())  # x̄ = x_0 + σ ε
+        out.append((ve.log_prob(x / math.sqrt(alpha)), alpha))
+    d = ring.dim
+    expected = torch.stack([ring.log_prob(x, alpha) for _, alpha in out])
+
+    def each(rule):
+        return torch.stack([torch.as_tensor(rule(lp, alpha), dtype=torch.float64) for lp, alpha in out])
+
+    return _compare("the change of variables x = sqrt(α)·x̄", lambda: each(lambda lp, alpha: fn(lp, alpha, d)), expected,
+                    "p_x(x) = p̄(x/sqrt(α))·|det ∂x̄/∂x| and ∂x̄/∂x = I/sqrt(α) in d dimensions: "
+                    "log p_x = log p̄ − (d/2)·log α",
+                    {"x = sqrt(α)·x̄ squeezes volume by α^{d/2}, so the density of x is higher: −(d/2)·log α, not +":
+                     each(lambda lp, alpha: lp + d / 2 * math.log(alpha)),
+                     "each of the d coordinates is scaled by sqrt(α): the Jacobian term is (d/2)·log α, not d·log α":
+                     each(lambda lp, alpha: lp - d * math.log(alpha)),
+                     "the Jacobian is a product over the d coordinates: (d/2)·log α, not ½·log α":
+                     each(lambda lp, alpha: lp - 0.5 * math.log(alpha))})

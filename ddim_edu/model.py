@@ -36,6 +36,7 @@ from .schedules import Schedule
 
 __all__ = [
     "PREDICTION_TYPES",
+    "CountingModel",
     "Denoiser",
     "EpsField",
     "Field",
@@ -57,6 +58,22 @@ Field = Callable[[Tensor, float], Tensor]  # eps(x_bar, sigma) -> ε, Eq 14's ri
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # denoiser(x_bar, sigma [B]) -> D, the x_0 prediction (EDM's form)
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+class CountingModel:
+    """A model ``model(x, t)`` (or a field ``eps(x_bar, sigma)``) that counts its evaluations in ``nfe``.
+
+    NFE, the number of function evaluations, is what a sampler costs: wrap the model, run the sampler
+    with the wrapper and read ``nfe``. For the ODE methods the count is known in advance
+    (:meth:`ddim_edu.solvers.Method.nfe`); for torchdiffeq's adaptive solvers only afterwards.
+    """
+
+    def __init__(self, model: Model):
+        self.model, self.nfe = model, 0
+
+    def __call__(self, x: Tensor, t) -> Tensor:
+        self.nfe += 1
+        return self.model(x, t)
 
 
 def time_input(t: float, x: Tensor) -> Tensor:

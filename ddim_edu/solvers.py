@@ -38,6 +38,7 @@ from .model import EpsField, Field, Model, is_finite
 from .ode import probability_flow
 from .sampling import check_x, ddim_requests, drive, run_steps, sigma_hat_requests
 from .schedules import Schedule
+from .sde import VPSDE
 
 __all__ = [
     "ADAPTIVE",
@@ -62,6 +63,7 @@ __all__ = [
     "encode",
     "end_stage",
     "euler_step",
+    "euler_t_step",
     "extrapolated_x0",
     "fixed_point",
     "heun_step",
@@ -73,7 +75,9 @@ __all__ = [
     "rk4_stages",
     "rk4_step",
     "sample",
+    "sample_euler_t",
     "sigma_polynomial_weights",
+    "sigma_rate",
     "solve",
     "solve_adaptive",
     "unipc_step",
@@ -624,6 +628,58 @@ def sample(
                              f"{method!r} overflowed (check eta, clip_x0 and the timesteps)"
                              + ("" if state is not None or method not in ("ddim", "sigma_hat") else
                                 "; or the re-run, without a generator, drew other noise"))
+
+
+# --- Eq 14 written in the timestep t: the same field, another variable ----------------------------
+
+
+def sigma_rate(schedule: Schedule, t) -> Tensor:
+    """dσ/dt: how fast Eq 14's noise level σ(t) = sqrt((1-ᾱ(t))/ᾱ(t)) changes with the timestep t > -1 (float64).
+
+    From σ² = 1/ᾱ - 1: d(σ²)/dt = -(1/ᾱ) d log ᾱ/dt = (1 + σ²) β(t), so ``dσ/dt = β(t) (1 + σ²) / (2σ)``,
+    with β(t) = -d log ᾱ/dt of the schedule's continuous extension (:meth:`ddim_edu.sde.VPSDE.beta`:
+    -log(1 - β_i) on the unit interval (i-1, i]; at an integer t, the interval below, which a step down crosses).
+    """
+    t = torch.as_tensor(t, dtype=torch.float64)
+    s = schedule.sigma(t)
+    return VPSDE(schedule).beta(t) * (1 + s**2) / (2 * s)
+
+
+def euler_t_step(eps: Field, x_bar: Tensor, schedule: Schedule, t: float, t_next: float) -> Tensor:
+    """One step of Euler's method on Eq 14 written in the timestep t: by the chain rule Eq 14 reads
+    ``dx̄/dt = ε(x̄, σ(t)) · dσ/dt``, so ``x̄' = x̄ + (t' - t) · dσ/dt(t) · ε(x̄, σ(t))`` (:func:`sigma_rate`).
+
+    The same field ``eps(x_bar, sigma)`` as Euler in σ (:func:`euler_step`, = DDIM), whose step is
+    ``x̄ + (σ(t') - σ(t)) · ε``: the two move along the same ε, by the tangent (t' - t) σ'(t) here and by
+    the chord σ(t') - σ(t) there.
+    """
+    s = float(schedule.sigma(float(t)))
+    return torch.add(x_bar, eps(x_bar, s), alpha=(t_next - t) * float(sigma_rate(schedule, float(t))))
+
+
+@torch.no_grad()
+def sample_euler_t(model: Model, x_T: Tensor, schedule: Schedule, timesteps, *, return_trajectory: bool = False) -> Tensor:
+    """Sample x_0 from ``x_T`` by Euler's method on Eq 14 written in the timestep t (:func:`euler_t_step`), along τ.
+
+    The counterpart of ``sample(..., method="euler")`` (Euler in σ, = DDIM) for comparing the two on the same
+    grid and the same model: one evaluation per timestep, steps in t from τ_S down to τ_1, then the last step to
+    σ = 0 (ᾱ = 1), taken in σ as by every method of this module (there σ(t) ∝ sqrt(t + 1) has an infinite slope
+    in t). Both are of first order; they differ in the error constant, since the trajectories of Eq 14 are
+    nearly straight in σ and σ(t) is not linear in t. ``return_trajectory``: the stack [S+1, B, …] of x_{τ_S} = x_T,
+    …, x_{τ_1}, x_0 in the model's coordinates.
+    """
+    check_x(x_T)
+    check_model(model, schedule)
+    tau = schedule.check_timesteps(timesteps).flip(0)  # τ_S > … > τ_1
+    times, sigmas = tau.tolist(), schedule.sigma(tau).tolist()
+    field = EpsField(model, schedule, sigmas, dict(zip(sigmas, times)))
+    x_bar = x_T * math.sqrt(1 + sigmas[0] ** 2)  # x̄ = x / sqrt(ᾱ)
+    xs = [x_T]
+    for t, t_next, s_next in zip(times, times[1:], sigmas[1:]):
+        x_bar = euler_t_step(field, x_bar, schedule, t, t_next)
+        xs.append(x_bar / math.sqrt(1 + s_next**2))
+    x_bar = torch.add(x_bar, field(x_bar, sigmas[-1]), alpha=-sigmas[-1])  # the last step, σ(τ_1) → 0, in σ
+    return torch.stack([*xs, x_bar]) if return_trajectory else x_bar
 
 
 # --- inversion ------------------------------------------------------------------------------------

@@ -137,3 +137,66 @@ def test_the_constant_C_right_answer_is_told_right():
 def test_the_constant_C_usual_mistakes_get_their_hints(answer, hint):
     verdict = ex.check_constant_C(answer)
     assert not verdict and hint in verdict.hint, verdict
+
+
+# --- notebooks 04 and 05: α from σ, Euler in t, the score, the λ-family's step, the likelihood's scaling --------
+
+
+def alpha_from_sigma(s):
+    return 1 / (1 + s**2)
+
+
+def euler_t_step(eps, x_bar, t, t_next, sigma, beta):
+    s = sigma(t)
+    return x_bar + (t_next - t) * beta(t) * (1 + s**2) / (2 * s) * eps(x_bar, s)
+
+
+def score_from_eps(eps, alpha):
+    return -eps / torch.sqrt(1 - col(alpha, eps))
+
+
+def em_step(x, eps, alpha, alpha_prev, lam, z):
+    ds = math.log(alpha_prev / alpha)
+    return (1 + ds / 2) * x - (1 + lam**2) * ds / (2 * math.sqrt(1 - alpha)) * eps + lam * math.sqrt(ds) * z
+
+
+def log_density_scaling(logp_bar, alpha, d):
+    return logp_bar - d / 2 * math.log(alpha)
+
+
+@pytest.mark.parametrize("check, answer", [
+    (ex.check_alpha_from_sigma, alpha_from_sigma), (ex.check_euler_t_step, euler_t_step),
+    (ex.check_score_from_eps, score_from_eps), (ex.check_em_step, em_step),
+    (ex.check_log_density_scaling, log_density_scaling)], ids=lambda v: getattr(v, "__name__", ""))
+def test_notebook_04_05_right_answers_are_told_right(check, answer):
+    verdict = check(answer)
+    assert verdict and str(verdict).startswith("✔") and "≤ 1e-10" in str(verdict), verdict
+    assert check.__name__ in ex.__all__
+
+
+@pytest.mark.parametrize("check, answer, hint", [
+    (ex.check_alpha_from_sigma, lambda s: 1 / (1 + s), "not σ"),
+    (ex.check_alpha_from_sigma, lambda s: 1 / (1 + s**2).sqrt(), "that is sqrt(α)"),
+    (ex.check_alpha_from_sigma, lambda s: s**2 / (1 + s**2), "that is 1 − α"),
+    (ex.check_euler_t_step, lambda eps, x, t, tn, sigma, beta: x + (sigma(tn) - sigma(t)) * eps(x, sigma(t)),
+     "that is Euler's step in σ"),
+    (ex.check_euler_t_step, lambda eps, x, t, tn, sigma, beta: x + (tn - t) * eps(x, sigma(t)), "needs the chain rule"),
+    (ex.check_euler_t_step, lambda eps, x, t, tn, sigma, beta: x + (tn - t) * beta(t) / (2 * sigma(t)) * eps(x, sigma(t)),
+     "(1 + σ²) is missing"),
+    (ex.check_euler_t_step, lambda eps, x, t, tn, sigma, beta: x + (tn - t) * beta(t) * (1 + sigma(t) ** 2) / sigma(t)
+     * eps(x, sigma(t)), "the ½ is missing"),
+    (ex.check_score_from_eps, lambda eps, a: -score_from_eps(eps, a), "against the noise"),
+    (ex.check_score_from_eps, lambda eps, a: -eps / (1 - col(a, eps)), "divides ε by its std"),
+    (ex.check_score_from_eps, lambda eps, a: -eps * (1 - col(a, eps)).sqrt(), "not multiplied"),
+    (ex.check_em_step, lambda x, e, a, ap, lam, z: em_step(x, e, a, ap, lam, z) + lam * (math.log(ap / a)
+     - math.sqrt(math.log(ap / a))) * z, "std sqrt(Δs)"),
+    (ex.check_em_step, lambda x, e, a, ap, lam, z: em_step(x, e, a, ap, lam, z) - (lam - lam**2) * math.log(ap / a)
+     / (2 * math.sqrt(1 - a)) * e, "(1 + λ²)/2, not (1 + λ)/2"),
+    (ex.check_em_step, lambda x, e, a, ap, lam, z: em_step(x, e, a, ap, lam, z) - math.log(ap / a) * x, "time runs backwards"),
+    (ex.check_log_density_scaling, lambda lp, a, d: lp + d / 2 * math.log(a), "not +"),
+    (ex.check_log_density_scaling, lambda lp, a, d: lp - d * math.log(a), "not d·log α"),
+    (ex.check_log_density_scaling, lambda lp, a, d: lp - 0.5 * math.log(a), "not ½·log α"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_notebook_04_05_usual_mistakes_get_their_hints(check, answer, hint):
+    verdict = check(answer)
+    assert not verdict and hint in verdict.hint, verdict

@@ -369,3 +369,68 @@ def test_encode_says_when_the_first_step_does_not_converge(sched, ring):
         encode(ring.eps_model(sched), x_T(8), sched, [999.0], max_iterations=0)
     with pytest.raises(ValueError, match="method must be one of the ODE methods"):
         encode(ring.eps_model(sched), x_T(8), sched, [10.0], method="nonsense")
+
+
+# --- Eq 14 written in the timestep t, counting evaluations, seeded draws ------------------------------------
+
+
+def test_sigma_rate_is_the_slope_of_sigma_inside_each_unit_interval(sched):
+    """dσ/dt = β(t)(1 + σ²)/(2σ), against central differences of Schedule.sigma inside (i-1, i), and the
+    slope of the interval below at an integer t."""
+    from ddim_edu.solvers import sigma_rate
+
+    t = torch.tensor([0.5, 10.5, 400.25, 998.5], dtype=torch.float64)
+    h = 1e-6
+    numeric = (sched.sigma(t + h) - sched.sigma(t - h)) / (2 * h)
+    torch.testing.assert_close(sigma_rate(sched, t), numeric, rtol=1e-7, atol=0)
+    below = (sched.sigma(500.0) - sched.sigma(500.0 - h)) / h
+    torch.testing.assert_close(sigma_rate(sched, 500.0), below, rtol=1e-5, atol=0)
+
+
+def test_euler_in_t_is_first_order_and_is_not_euler_in_sigma(sched, ring):
+    """Euler on Eq 14 written in t (dx̄/dt = ε dσ/dt): measured order 1 on linear grids from t = 999 to 0
+    (against dopri5 on the same span, with the same last step to σ = 0), and a different sampler from
+    Euler in σ (= DDIM), several times less accurate at S = 10."""
+    from ddim_edu.solvers import euler_t_step, sample_euler_t
+
+    model = ring.eps_model(sched)
+    x = x_T(64)
+    ref = sample(model, x, sched, torch.tensor([0.0, 999.0]), method="dopri5", rtol=1e-10, atol=1e-10)
+    steps = [200, 400, 800]
+    errors = [(sample_euler_t(model, x, sched, sched.timesteps(S, "linear")) - ref).pow(2).mean().sqrt().item()
+              for S in steps]
+    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert abs(slope - 1) < 0.3, (slope, errors)
+    tau = sched.timesteps(10, "linear")
+    err_t = (sample_euler_t(model, x, sched, tau) - ref).pow(2).mean().sqrt().item()
+    err_sigma = (sample(model, x, sched, tau, method="euler") - ref).pow(2).mean().sqrt().item()
+    assert err_t > 3 * err_sigma, (err_t, err_sigma)
+    # One step, written out: the tangent (t' - t) dσ/dt against Euler in σ's chord σ(t') - σ(t).
+    field = EpsField(model, sched)
+    s, rate = sched.sigma(500.0).item(), (sched.sigma(500.0) - sched.sigma(500.0 - 1e-6)).item() / 1e-6  # the slope below
+    step = euler_t_step(field, x, sched, 500.0, 400.0)
+    torch.testing.assert_close(step, x + (400.0 - 500.0) * rate * field(x, s), rtol=1e-5, atol=0)
+    traj = sample_euler_t(model, x, sched, tau, return_trajectory=True)
+    assert traj.shape == (11, 64, 2) and torch.equal(traj[0], x) and torch.equal(traj[-1], sample_euler_t(model, x, sched, tau))
+
+
+def test_counting_model_counts_what_method_nfe_predicts(sched, ring):
+    from ddim_edu.model import CountingModel
+
+    tau = sched.timesteps(7, "logsnr")
+    for method in ["ddim", *METHODS]:
+        counted = CountingModel(ring.eps_model(sched))
+        sample(counted, x_T(4), sched, tau, method=method)
+        assert counted.nfe == (7 if method == "ddim" else METHODS[method].nfe(7)), method
+    counted = CountingModel(ring.eps_model(sched))
+    _, nfe = solve_adaptive(counted, x_T(4), sched, 50.0, 0.1)
+    assert counted.nfe == nfe > 0
+
+
+def test_seeded_normal_repeats_its_draws():
+    from ddim_edu.utils.seeds import seeded_normal
+
+    a = seeded_normal(5, 2, seed=3)
+    assert a.shape == (5, 2) and a.dtype == torch.float64 and torch.equal(a, seeded_normal(5, 2, seed=3))
+    assert not torch.equal(a, seeded_normal(5, 2, seed=4))
+    assert seeded_normal(3, seed=0, dtype=torch.float32).dtype == torch.float32

@@ -1,9 +1,11 @@
-"""Seeds derived from one user seed, so that independent streams of randomness never overlap."""
+"""Seeds: independent streams derived from one user seed, and repeatable draws from one seed."""
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torch import Tensor
 
-__all__ = ["derive_seed"]
+__all__ = ["derive_seed", "seeded_normal"]
 
 
 def derive_seed(seed: int, *key: int) -> int:
@@ -13,3 +15,9 @@ def derive_seed(seed: int, *key: int) -> int:
     independent seeds, and the value is stable across numpy versions (it is part of numpy's API).
     """
     return int(np.random.SeedSequence(seed % 2**64, spawn_key=key).generate_state(1, np.uint64)[0])
+
+
+def seeded_normal(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Standard normal draws of the given shape from a generator seeded with ``seed`` alone (float64 by default):
+    the same numbers on every run, e.g. the x_T ~ N(0, I) of an experiment that is to be repeated exactly."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
