@@ -13,13 +13,13 @@ Three pieces make the log-density of ``x`` at the smallest noise level ``t_min``
 1. the flow, integrated *upwards* from ``σ_min = σ(t_min)`` (data end) to ``σ_max = σ(T-1)``
    (noise end), carries ``x̄(σ_min) = x / sqrt(ᾱ(t_min))`` to ``x̄(σ_max)`` and accumulates
    ``Δ = ∫_{σ_min}^{σ_max} ∇_x̄ · ε dσ``, so ``log p̄_{σ_min}(x̄(σ_min)) = log p̄_{σ_max}(x̄(σ_max)) + Δ``;
-2. the scaling ``x = sqrt(ᾱ) x̄`` has Jacobian ``ᾱ^{D/2}``: ``log p_x(x) = log p̄(x/sqrt(ᾱ)) - (D/2) log ᾱ``,
+2. the scaling ``x = sqrt(ᾱ) x̄`` has Jacobian ``ᾱ^{d/2}``: ``log p_x(x) = log p̄(x/sqrt(ᾱ)) - (d/2) log ᾱ``,
    once at each end;
 3. the prior: the density of ``x_T = sqrt(ᾱ(T-1)) x̄(σ_max)`` at t = T-1.
 
-Together (D = number of dimensions per sample):
+Together (d = number of dimensions per sample):
 
-    log p_{t_min}(x) = log π(x_T) + (D/2) (log ᾱ(T-1) - log ᾱ(t_min)) + Δ.
+    log p_{t_min}(x) = log π(x_T) + (d/2) (log ᾱ(T-1) - log ᾱ(t_min)) + Δ.
 
 By default π is N(0, I), the prior the samplers draw x_T from (they feed it in at t = T-1), so
 the result is the log-density of the generative model that :func:`ddim_edu.ode.probability_flow`
@@ -69,9 +69,9 @@ __all__ = [
 DIVERGENCES = ("auto", "exact", "hutchinson")
 # divergence="auto" is exact up to this many dimensions per sample, Hutchinson above. The exact divergence
 # costs one backward pass per dimension at every evaluation: on one CPU thread a log-likelihood took
-# 0.33 s exact vs 0.10 s Hutchinson at D = 16, 1.6 s vs 0.15 s at D = 64 and 5 s vs 0.16 s at D = 192
-# (a Gaussian mixture's exact ε; a 3×8×8 conv net: 1.8 s vs 0.09 s; a small UNet: over 90 s vs 4 s). Up to D = 16
-# the exact value costs at most about 3× and has no estimator noise; beyond, the cost grows with D.
+# 0.33 s exact vs 0.10 s Hutchinson at d = 16, 1.6 s vs 0.15 s at d = 64 and 5 s vs 0.16 s at d = 192
+# (a Gaussian mixture's exact ε; a 3×8×8 conv net: 1.8 s vs 0.09 s; a small UNet: over 90 s vs 4 s). Up to d = 16
+# the exact value costs at most about 3× and has no estimator noise; beyond, the cost grows with d.
 EXACT_DIVERGENCE_MAX_DIM = 16
 PROBES = ("rademacher", "gaussian")
 # Images in [-1, 1] from 8-bit data: pixel value k ∈ {0..255} ↦ x = k/127.5 - 1, so the bins
@@ -115,7 +115,7 @@ def divergence_exact(f_x: Tensor, x: Tensor) -> Tensor:
 
     ``f_x`` must have been computed from ``x`` (which requires grad) row by row: row b of f may
     depend on row b of x only (no batch norm), so a backward of ``f[:, i].sum()`` yields every
-    row's ``∂f_i/∂x_i`` at once. Cost: D backward passes, for low dimension.
+    row's ``∂f_i/∂x_i`` at once. Cost: d backward passes, for low dimension.
     """
     flat = f_x.reshape(f_x.shape[0], -1)
     div = torch.zeros(f_x.shape[0], dtype=f_x.dtype, device=f_x.device)
@@ -128,7 +128,7 @@ def divergence_exact(f_x: Tensor, x: Tensor) -> Tensor:
 def divergence_hutchinson(f_x: Tensor, x: Tensor, probe: Tensor) -> Tensor:
     """Hutchinson's estimator ``vᵀ (∂f/∂x) v`` of ``∇_x · f`` for a probe v with E[v vᵀ] = I, [B].
 
-    Unbiased: ``E[vᵀ J v] = tr(J E[v vᵀ]) = tr J``. One vector-Jacobian product, whatever D is.
+    Unbiased: ``E[vᵀ J v] = tr(J E[v vᵀ]) = tr J``. One vector-Jacobian product, whatever d is.
     The same row-by-row independence as :func:`divergence_exact` is assumed.
     """
     (vjp,) = torch.autograd.grad((f_x * probe).sum(), x)
@@ -192,14 +192,14 @@ def log_likelihood(
     ``x`` [B, ...] is read as a sample at noise level ᾱ(t_min) (t_min ≥ 0, in the library's
     timestep-index convention; 0 is the smallest level the model is defined at). The augmented
     ODE runs from σ(t_min) up to σ(T-1) with torchdiffeq's adaptive ``method`` at ``rtol``/``atol``,
-    and ``log p_{t_min}(x) = log π(x_T) + (D/2)(log ᾱ(T-1) - log ᾱ(t_min)) + ∫ ∇_x̄·ε dσ``.
+    and ``log p_{t_min}(x) = log π(x_T) + (d/2)(log ᾱ(T-1) - log ᾱ(t_min)) + ∫ ∇_x̄·ε dσ``.
 
-    - ``divergence="exact"``: D backward passes per evaluation (low dimension).
+    - ``divergence="exact"``: d backward passes per evaluation (low dimension).
       ``"hutchinson"``: one probe per sample (``probe="rademacher"`` or ``"gaussian"``, drawn from
       ``generator``), held fixed along the whole trajectory as in FFJORD, so the solver sees a
       smooth field; the result is then an unbiased estimate of the exact log-density *of the
-      solved ODE*. ``"auto"`` (the default) is exact for D ≤ ``EXACT_DIVERGENCE_MAX_DIM`` = 16 and
-      Hutchinson above, where the exact one's cost grows with D (a 3×8×8 image: D = 192 backward
+      solved ODE*. ``"auto"`` (the default) is exact for d ≤ ``EXACT_DIVERGENCE_MAX_DIM`` = 16 and
+      Hutchinson above, where the exact one's cost grows with d (a 3×8×8 image: d = 192 backward
       passes per evaluation; with a small UNet over 90 s, against 4 s for Hutchinson).
       ``Likelihood.divergence`` says which was used.
     - ``prior``: ``log π(x_T)`` [B] for x_T at t = T-1; default N(0, I) (the samplers' prior).
@@ -222,9 +222,9 @@ def log_likelihood(
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
-    D = x[0].numel()
+    d = x[0].numel()
     if divergence == "auto":
-        divergence = "exact" if D <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
+        divergence = "exact" if d <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
     if divergence == "hutchinson":
         div_fn = partial(divergence_hutchinson, probe=draw_probe(x, probe, generator))
     else:
@@ -247,7 +247,7 @@ def log_likelihood(
         )
     x_T = x_bar[-1] * math.exp(0.5 * log_alpha_max)
     prior_logp = prior(x_T)
-    logp = prior_logp + 0.5 * D * (log_alpha_max - log_alpha_min) + ell[-1]
+    logp = prior_logp + 0.5 * d * (log_alpha_max - log_alpha_min) + ell[-1]
     if not bool(torch.isfinite(logp).all()):
         raise FloatingPointError("log-likelihood is not finite; check the model's ε and the prior, or use float64")
     return Likelihood(logp=logp, prior_logp=prior_logp, x_T=x_T, nfe=f.nfe, divergence=divergence)
@@ -260,12 +260,12 @@ def bits_per_dim_from_logp(logp: Tensor, num_dims: int, bin_width: float = BIN_W
     """Bits/dim of discrete data from the log-density of its uniformly dequantised version.
 
     With ``y = x + u``, u uniform on a bin of width Δ around each value (bins disjoint),
-    ``log P(x) ≥ E_u[log p(y)] + D log Δ`` (Theis et al. 2016, Jensen), so
+    ``log P(x) ≥ E_u[log p(y)] + d log Δ`` (Theis et al. 2016, Jensen), so
 
-        bpd = -(log p(y) + D log Δ) / (D ln 2) = -log p(y) / (D ln 2) - log2 Δ.
+        bpd = -(log p(y) + d log Δ) / (d ln 2) = -log p(y) / (d ln 2) - log2 Δ.
 
     For 8-bit images mapped to [-1, 1] by ``k/127.5 - 1``, Δ = 1/127.5 and the offset is
-    ``-log2 Δ = log2 127.5 ≈ 6.9944``, i.e. ``bpd = -(log p(y) - D log 127.5)/(D ln 2)``.
+    ``-log2 Δ = log2 127.5 ≈ 6.9944``, i.e. ``bpd = -(log p(y) - d log 127.5)/(d ln 2)``.
     (score_sde's offset of 7 belongs to 256 bins of width 2/256 over [-1, 1], i.e. data mapped by
     ``(k + u)/256·2 - 1``; the difference is 0.0056 bits/dim.)
     """
@@ -297,13 +297,13 @@ def bits_per_dim(
     """Bits/dim of 8-bit images ``x`` in [-1, 1] (pixel k stored as ``k/127.5 - 1``).
 
     Its expectation over the dequantisation noise is an upper bound on the discrete model's
-    ``-log2 P(x) / D`` (:func:`bits_per_dim_from_logp`); one noise draw per image, as is usual.
+    ``-log2 P(x) / d`` (:func:`bits_per_dim_from_logp`); one noise draw per image, as is usual.
 
     Dequantises once per image (:func:`dequantize`, noise from ``generator``), computes
     ``log p_{t_min}(y)`` with :func:`log_likelihood` (``options`` go there; the same generator
     draws the Hutchinson probes, which its default ``divergence="auto"`` uses for images of more
     than 16 values, e.g. any RGB image) and converts with :func:`bits_per_dim_from_logp`:
-    ``bpd = -(log p(y) - D log 127.5)/(D ln 2)``. Without dequantisation a continuous density on
+    ``bpd = -(log p(y) - d log 127.5)/(d ln 2)``. Without dequantisation a continuous density on
     discrete data can grow without bound, and bits/dim would mean nothing; so x must lie on the
     8-bit grid (checked), which also catches images in [0, 1] or already dequantised.
     """

@@ -177,7 +177,7 @@ class Schedule:
 
         - ``"linear"``: uniform in t.
         - ``"karras"`` (Karras et al. 2022, Eq 5): uniform in σ^{1/ρ}, ρ = ``rho``, with σ the ODE variable.
-        - ``"logsnr"``: uniform in λ = -log σ, half the log signal-to-noise ratio (DPM-Solver's grid).
+        - ``"logsnr"``: uniform in -log σ, half the log signal-to-noise ratio (Lu et al.'s λ) (DPM-Solver's grid).
         """
         if not isinstance(S, int) or isinstance(S, bool) or S < 1:
             raise ValueError(f"S (number of steps) must be a positive int, got {S!r}")

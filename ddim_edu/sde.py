@@ -48,8 +48,8 @@ __all__ = [
 
 def standard_normal_logp(z: Tensor) -> Tensor:
     """``log N(z; 0, I)`` summed over all but the batch dimension, [B]: the prior at t = T-1."""
-    D = z[0].numel()
-    return -0.5 * (z.reshape(z.shape[0], -1) ** 2).sum(1) - 0.5 * D * math.log(2 * math.pi)
+    d = z[0].numel()
+    return -0.5 * (z.reshape(z.shape[0], -1) ** 2).sum(1) - 0.5 * d * math.log(2 * math.pi)
 
 
 class VPSDE:

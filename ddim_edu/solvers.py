@@ -128,12 +128,12 @@ def rk4_stages(s: float, s_next: float, first: bool) -> tuple[float, ...]:
 
 
 def lambda_midpoint(s: float, s_next: float, first: bool) -> tuple[float, ...]:
-    """The midpoint in λ = -log σ, sqrt(σ σ') (DPM-Solver-2's r₁ = ½)."""
+    """The midpoint in -log σ (Lu et al.'s λ), sqrt(σ σ') (DPM-Solver-2's r₁ = ½)."""
     return (math.sqrt(s * s_next),) if s_next > 0 else ()
 
 
 def dpm_solver_3_stages(s: float, s_next: float, first: bool) -> tuple[float, ...]:
-    """DPM-Solver-3's intermediate levels σ e^{-r h}, r = ⅓, ⅔, h = λ' - λ (Lu et al. 2022, Algorithm 2)."""
+    """DPM-Solver-3's intermediate levels σ e^{-r h}, r = ⅓, ⅔, h = log(σ/σ') (Lu et al. 2022, Algorithm 2)."""
     if s_next == 0:
         return ()
     h = math.log(s / s_next)
@@ -141,7 +141,7 @@ def dpm_solver_3_stages(s: float, s_next: float, first: bool) -> tuple[float, ..
 
 
 def dpmpp_3m_stages(s: float, s_next: float, first: bool) -> tuple[float, ...]:
-    """DPM-Solver++(3M) starts with a DPM-Solver-2 step (the λ-midpoint); later steps evaluate once."""
+    """DPM-Solver++(3M) starts with a DPM-Solver-2 step (the midpoint in -log σ); later steps evaluate once."""
     return lambda_midpoint(s, s_next, first) if first else ()
 
 
@@ -177,10 +177,10 @@ def rk4_step(x, s, s_next, history):
 
 
 def dpm_solver_2_step(x, s, s_next, history):
-    """DPM-Solver-2 (Lu et al. 2022, Algorithm 1, r₁ = ½) in λ = -log σ; Euler to σ' = 0.
+    """DPM-Solver-2 (Lu et al. 2022, Algorithm 1, r₁ = ½) in -log σ; Euler to σ' = 0.
 
     In (σ, x̄) the exponential integrator reads ``x̄' = x̄ + (σ' - σ) ε(u, σ_mid)`` with the
-    λ-midpoint ``σ_mid = sqrt(σ σ')`` and u its DPM-Solver-1 (= Euler = DDIM) predictor.
+    midpoint in -log σ, ``σ_mid = sqrt(σ σ')``, and u its DPM-Solver-1 (= Euler = DDIM) predictor.
     """
     e = history[-1].eps
     if s_next == 0:
@@ -193,7 +193,7 @@ def dpm_solver_2_step(x, s, s_next, history):
 def dpm_solver_3_step(x, s, s_next, history):
     """DPM-Solver-3 (Lu et al. 2022, Algorithm 2, r₁ = ⅓, r₂ = ⅔), noise-prediction form; Euler to σ' = 0.
 
-    With h = λ' - λ and σ_r = σ e^{-rh}, the paper's σ_r (e^{rh} - 1) ε becomes (σ - σ_r) ε in x̄.
+    With h = log(σ/σ') and σ_r = σ e^{-rh}, the paper's σ_r (e^{rh} - 1) ε becomes (σ - σ_r) ε in x̄.
     """
     e = history[-1].eps
     if s_next == 0:
@@ -211,7 +211,7 @@ def dpmpp_2m_step(x, s, s_next, history):
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): multistep on the x_0 prediction D = x̄ - σ ε.
 
     ``x̄' = (σ'/σ) x̄ + (1 - σ'/σ) D̂``, ``D̂ = (1 + 1/(2r)) D_i - D_{i-1}/(2r)``, r = h_{i-1}/h_i in
-    λ = -log σ; first order (D̂ = D_i, i.e. DDIM) on the first step and on the last, to σ' = 0.
+    u = -log σ; first order (D̂ = D_i, i.e. DDIM) on the first step and on the last, to σ' = 0.
     """
     d = history[-1].denoised
     rho = s_next / s
@@ -227,9 +227,9 @@ def dpmpp_2m_step(x, s, s_next, history):
 def dpmpp_3m_step(x, s, s_next, history):
     """DPM-Solver++(3M) (Lu et al. 2022b, multistep, third order) on the x_0 prediction D = x̄ - σ ε.
 
-    In λ = -log σ, Eq 14 reads dx̄/dλ = D - x̄, so x̄(λ+h) = e^{-h} x̄ + ∫₀ʰ e^{-(h-τ)} D(λ+τ) dτ.
+    In u = -log σ (Lu et al.'s λ), Eq 14 reads dx̄/du = D - x̄, so x̄(u+h) = e^{-h} x̄ + ∫₀ʰ e^{-(h-r)} D(u+r) dr.
     With D expanded to second order, its derivatives taken from the last three predictions
-    (d₁ ≈ h D', d₂ ≈ h² D''/2 by divided differences on the uneven λ-grid), the integral gives
+    (d₁ ≈ h D', d₂ ≈ h² D''/2 by divided differences on the uneven grid in u), the integral gives
     ``x̄' = e^{-h} x̄ + (1 - e^{-h}) D_i + φ₂ d₁ + (1 - 2φ₂/h) d₂``, φ₂ = 1 - (1 - e^{-h})/h.
     (Widely used code weights d₂ by ½ - φ₂/h, half the exact weight; measured on Eq 14 that gives
     order ≈ 2.4 instead of 3, see tests/test_solvers.py.) The first step is DPM-Solver-2 (one extra evaluation) and the
@@ -240,7 +240,7 @@ def dpmpp_3m_step(x, s, s_next, history):
     d = current.denoised
     if s_next == 0:
         return d
-    if len(history) == 1:  # start-up: DPM-Solver-2's λ-midpoint step
+    if len(history) == 1:  # start-up: DPM-Solver-2's step through the midpoint in -log σ
         (s_mid,) = dpmpp_3m_stages(s, s_next, True)
         e_mid = yield x + (s_mid - s) * current.eps, s_mid
         return x + (s_next - s) * e_mid
@@ -263,9 +263,9 @@ def dpmpp_3m_step(x, s, s_next, history):
 def unipc_step(x, s, s_next, history):
     """UniPC (Zhao et al. 2023) with B(h) = e^h - 1 ("bh2"), on the x_0 prediction D = x̄ - σ ε.
 
-    Like :func:`dpmpp_3m_step` it integrates dx̄/dλ = D - x̄, x̄' = e^{-h} x̄ + (1 - e^{-h}) D_i + (the
+    Like :func:`dpmpp_3m_step` it integrates dx̄/du = D - x̄ (u = -log σ), x̄' = e^{-h} x̄ + (1 - e^{-h}) D_i + (the
     integral of D's change), but evaluates the model at the *end* of each step. The predictor
-    (UniP-2) takes D's slope from (D_{i-1}, D_i) with weight B(h)/2 = (1 - e^{-h})/2 in λ units,
+    (UniP-2) takes D's slope from (D_{i-1}, D_i) with weight B(h)/2 = (1 - e^{-h})/2 in units of u,
     which equals the exact weight φ₂ to O(h²). Then D' = D(x̄', σ') fits a quadratic through
     (D_{i-1}, D_i, D') and the corrector (UniC) recomputes x̄' with it integrated exactly (the
     solution of UniC's linear system, whatever B(h)). D' is reused by the next step
@@ -278,7 +278,7 @@ def unipc_step(x, s, s_next, history):
         return d
     h = math.log(s / s_next)
     phi_2 = math.expm1(-h) / h + 1
-    b_half = -math.expm1(-h) / 2  # B(h)/2 in the units of dx̄/dλ = D - x̄
+    b_half = -math.expm1(-h) / 2  # B(h)/2 in the units of dx̄/du = D - x̄
     base = torch.lerp(d, x, s_next / s)  # (σ'/σ) x̄ + (1 - σ'/σ) D_i, DDIM
     prev = history[-2] if len(history) >= 2 else None
     if prev is not None:
@@ -321,14 +321,14 @@ def sigma_polynomial_weights(nodes: list[float], rho: float) -> list[float]:
 
 
 def pc_sigma_step(x, s, s_next, history):
-    """UniPC's predictor–corrector scheme with D = x̄ - σ ε interpolated in σ instead of λ (this library's).
+    """UniPC's predictor–corrector scheme with D = x̄ - σ ε interpolated in σ instead of -log σ (this library's).
 
     Eq 14 as dx̄/dσ = (x̄ - D)/σ has the integrating factor 1/σ: exactly,
     ``x̄' = (σ'/σ) x̄ - σ' ∫_σ^{σ'} D(u)/u² du``. The predictor takes D linear in σ through
     (σ_{i-1}, D_{i-1}), (σ_i, D_i); the corrector, quadratic through those and D' evaluated at the
     predicted x̄' (reused by the next step): order 3 for one evaluation per step, the first step
     DDIM then a linear corrector. Along Eq 14, D tends to x_0 as x_0 + cσ² at small σ, where a
-    polynomial in λ = -log σ would need ever higher degrees to follow it; on the mixture benchmark
+    polynomial in -log σ would need ever higher degrees to follow it; on the mixture benchmark
     this roughly halves UniPC's error at 10 evaluations. The last step, to σ' = 0, returns D_i.
     """
     if s_next == 0:
