@@ -103,6 +103,8 @@ def plot_samples(samples, heldout, steps, rows, path: Path, title: str):
         ax.set_aspect("equal")
         ax.tick_params(labelsize=6)
     fig.suptitle(title)
+    fig.supxlabel("$x_1$ (each panel: the two data coordinates)", fontsize=9)
+    fig.supylabel("$x_2$", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -442,3 +442,47 @@ def check_log_density_scaling(fn: Callable) -> Verdict:
                      each(lambda lp, alpha: lp - d * math.log(alpha)),
                      "the Jacobian is a product over the d coordinates: (d/2)·log α, not ½·log α":
                      each(lambda lp, alpha: lp - 0.5 * math.log(alpha))})
+
+
+# --- notebook 03: the α pairs of a sub-sequence τ -----------------------------------------------
+
+__all__ += ["check_step_alphas"]
+
+
+def check_step_alphas(fn: Callable) -> Verdict:
+    """The α's of each step on a sub-sequence: ``fn(alphas_cumprod, tau)`` (float64 [T], increasing int64 [n])
+    must return ``(alpha, alpha_prev)``, float64 [n] each: α_{τ_i} and α_{τ_{i−1}}, with α_{τ_0} := α_0 = 1
+    for the last step, which lands on clean data.
+
+    Compared with :meth:`ddim_edu.schedules.Schedule.step_alphas` on the linear schedule's "quad" τ for
+    S = 10 (where the step between entries is not T // S) and its "trailing" τ for S = 7 (whose first entry
+    is 142, not 0).
+    """
+    schedule = linear_schedule()
+    taus = [schedule.timesteps(10, "quad").long(), schedule.timesteps(7, "trailing").long()]
+    table = schedule.alphas_cumprod
+    one = torch.ones(1, dtype=torch.float64)
+
+    def stacked(pairs):
+        return torch.cat([torch.stack([torch.as_tensor(a, dtype=torch.float64).reshape(-1),
+                                       torch.as_tensor(b, dtype=torch.float64).reshape(-1)]) for a, b in pairs], dim=1)
+
+    def wrong(previous):  # a previous index computed from τ_i alone; below 0 it is taken as α_0 = 1
+        pairs = []
+        for tau in taus:
+            prev = previous(tau, len(table) // len(tau))
+            pairs.append((table[tau], torch.where(prev >= 0, table[prev.clamp(min=0)], one)))
+        return stacked(pairs)
+
+    expected = stacked([schedule.step_alphas(tau) for tau in taus])
+    return _compare("the α pairs of a sub-sequence τ", lambda: stacked([fn(table, tau.clone()) for tau in taus]),
+                    expected,
+                    "alpha = alphas_cumprod[τ]; alpha_prev = alphas_cumprod at the previous entry of τ, "
+                    "with 1 (α_0, clean data) for the first entry: the last step lands on x_0",
+                    {"the last step lands on α_0 = 1 (clean data), not on alphas_cumprod[0] = α_1 = 1 − β_1: "
+                     "with α_1 the sample keeps noise of std sqrt(β_1)":
+                     stacked([(table[tau], torch.cat([table[:1], table[tau][:-1]])) for tau in taus]),
+                     "the step before τ_i is the previous entry τ_{i−1} of τ, not τ_i − T // S: that holds only "
+                     "for the evenly spaced τ": wrong(lambda tau, step: tau - step),
+                     "on a sub-sequence α_{t−1} becomes α_{τ_{i−1}}, the previous entry of τ, not the index τ_i − 1 "
+                     "of the full chain": wrong(lambda tau, step: tau - 1)})

@@ -200,3 +200,48 @@ def test_notebook_04_05_right_answers_are_told_right(check, answer):
 def test_notebook_04_05_usual_mistakes_get_their_hints(check, answer, hint):
     verdict = check(answer)
     assert not verdict and hint in verdict.hint, verdict
+
+
+# --- notebook 03: the α pairs of a sub-sequence τ ----------------------------------------------------------
+
+
+def step_alphas(alphas_cumprod, tau):
+    """α_{τ_i} and α_{τ_{i−1}} for i = 1..n, α_{τ_0} = α_0 = 1, written from the definition entry by entry."""
+    tau = tau.tolist()
+    alpha = [float(alphas_cumprod[t]) for t in tau]
+    alpha_prev = [1.0] + [float(alphas_cumprod[t]) for t in tau[:-1]]
+    return torch.tensor(alpha, dtype=torch.float64), torch.tensor(alpha_prev, dtype=torch.float64)
+
+
+def previous_index_alphas(offset):
+    """The usual shortcut: the previous index from τ_i alone (τ_i − offset(T, n)), α_0 = 1 below index 0."""
+    def answer(alphas_cumprod, tau):
+        prev = [t - offset(len(alphas_cumprod), len(tau)) for t in tau.tolist()]
+        return (alphas_cumprod[tau], torch.tensor([float(alphas_cumprod[p]) if p >= 0 else 1.0 for p in prev],
+                                                  dtype=torch.float64))
+    return answer
+
+
+def test_the_step_alphas_right_answer_is_told_right():
+    verdict = ex.check_step_alphas(step_alphas)
+    assert verdict and str(verdict).startswith("✔") and "≤ 1e-10" in str(verdict), verdict
+    assert "check_step_alphas" in ex.__all__
+
+
+@pytest.mark.parametrize("answer, hint", [
+    (lambda ac, tau: (ac[tau], torch.cat([ac[:1], ac[tau][:-1]])), "not on alphas_cumprod[0]"),
+    (previous_index_alphas(lambda T, n: T // n), "not τ_i − T // S"),
+    (previous_index_alphas(lambda T, n: 1), "not the index τ_i − 1"),
+], ids=["alpha_1 at the end", "t - T // S", "t - 1"])
+def test_the_step_alphas_usual_mistakes_get_their_hints(answer, hint):
+    verdict = ex.check_step_alphas(answer)
+    assert not verdict and hint in verdict.hint, verdict
+
+
+def test_the_step_alphas_checker_reports_swapped_and_unfinished_answers():
+    swapped = ex.check_step_alphas(lambda ac, tau: step_alphas(ac, tau)[::-1])
+    assert not swapped and "previous entry of τ" in swapped.hint
+    def unfinished(alphas_cumprod, tau):
+        raise NotImplementedError
+
+    assert "NotImplementedError" in str(ex.check_step_alphas(unfinished))
