@@ -45,9 +45,8 @@ from ddim_edu.evaluation.digits import (  # noqa: E402
 from ddim_edu.evaluation.fid import feature_statistics, frechet_distance  # noqa: E402
 from ddim_edu.image.grids import make_grid  # noqa: E402
 from ddim_edu.image.pretrained import load_unet  # noqa: E402
-from ddim_edu.paper import SIGMA_HAT, TABLE1_FID, table1_row_label  # noqa: E402
+from ddim_edu.paper import SIGMA_HAT, TABLE1_FID, table1_row_label, table1_sample  # noqa: E402
 from ddim_edu.schedules import linear_schedule  # noqa: E402
-from ddim_edu.solvers import sample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = (10, 20, 50, 100, 1000)
@@ -68,13 +67,8 @@ def cell_n(args, S: int) -> int:
 
 def run_cell(model, schedule, x_T, spacing, row, S, seed):
     """x_0 of one cell (clamped to [-1, 1]), and the number of network evaluations per image."""
-    tau = schedule.timesteps(S, spacing)
-    g = torch.Generator().manual_seed(seed + 1)
-    if row == SIGMA_HAT:
-        x0 = sample(model, x_T, schedule, tau, method="sigma_hat", generator=g)
-    else:
-        x0 = sample(model, x_T, schedule, tau, method="ddim", eta=float(row), generator=g)
-    return x0.clamp(-1, 1), len(tau)
+    x0 = table1_sample(model, x_T, schedule, S, row, spacing, generator=torch.Generator().manual_seed(seed + 1))
+    return x0.clamp(-1, 1), len(schedule.timesteps(S, spacing))
 
 
 def kid_subset(n: int) -> int:
