@@ -47,11 +47,13 @@ __all__ = [
     "ConvergenceError",
     "Evaluation",
     "FINAL_STEPS",
+    "INVERSIONS",
     "METHODS",
     "METHOD_GROUPS",
     "Method",
     "SAMPLERS",
     "answer",
+    "check_inversion",
     "check_model",
     "check_options",
     "dpm_solver_2_step",
@@ -68,6 +70,7 @@ __all__ = [
     "fixed_point",
     "heun_step",
     "integrate",
+    "is_one_step",
     "lambda_midpoint",
     "method_listing",
     "no_stages",
@@ -730,37 +733,147 @@ def fixed_point(g: Callable[[Tensor], Tensor], x: Tensor, *, tol: float, max_ite
                            f"{max_iterations} evaluations (tol {tol:g})")
 
 
+INVERSIONS = ("explicit", "exact")  # how encode takes its steps above the first (see encode)
+
+
+def is_one_step(method: str) -> bool:
+    """Whether ``METHODS[method]``'s step from σ to σ' depends on x̄ at σ alone (no evaluation from an earlier level).
+
+    Determined from the step function itself: a method that reuses the previous step's last evaluation
+    (``Method.reuses_last``) is multistep; otherwise one step from σ = 2 to σ' = 1 on a fixed smooth field
+    is taken twice, once with the history holding only the evaluation at σ and once with two earlier
+    evaluations (at σ = 4 and 3) made of NaN in front of it. A step that reads them returns NaN.
+    """
+    m = METHODS[method]
+    if m.reuses_last:
+        return False
+    x = torch.tensor([[0.3, -1.2]], dtype=torch.float64)
+
+    def field(y, s):  # any smooth, finite field
+        return torch.sin(y) * s + 0.1 * y
+
+    def step(earlier):
+        out = m.step(x, 2.0, 1.0, [*earlier, Evaluation(2.0, x, field(x, 2.0))])
+        return answer(out, field) if isinstance(out, GeneratorType) else out
+
+    nan = torch.full_like(x, math.nan)
+    return bool(torch.equal(step([]), step([Evaluation(4.0, nan, nan), Evaluation(3.0, nan, nan)])))
+
+
+def check_inversion(method: str, inversion: str) -> None:
+    """Refuse an unknown ``inversion``, and ``inversion="exact"`` with a multistep method (see :func:`encode`)."""
+    if inversion not in INVERSIONS:
+        raise ValueError(f"inversion must be one of {INVERSIONS} ('explicit': the method's steps upwards; 'exact': "
+                         f"each step solved so that sample's step maps it back), got {inversion!r}")
+    if inversion == "exact" and not is_one_step(method):
+        supported = [name for name in METHODS if is_one_step(name)]
+        raise ValueError(f"inversion='exact' supports the one-step methods {supported}, not {method!r}: {method!r} "
+                         "is a multistep method, whose decoding step from σ_{i+1} to σ_i reads the evaluations at "
+                         "the levels above σ_{i+1}, which the upward pass has not reached when it solves for x̄_{i+1}")
+
+
 @torch.no_grad()
 def encode(model: Model, x0: Tensor, schedule: Schedule, timesteps, method: str = "euler", *,
-           tol: float | None = None, max_iterations: int = 200, progress: bool = False) -> Tensor:
+           inversion: str = "explicit", tol: float | None = None, max_iterations: int = 200,
+           stats: dict | None = None, progress: bool = False) -> Tensor:
     """DDIM inversion: integrate Eq 14 upwards, from x_0 (σ = 0) to x_T at σ(τ_S) (Section 4.3).
 
     The model is not defined at σ = 0, so the first step, 0 → σ(τ_1), inverts :func:`sample`'s
     last (Euler) step exactly: it solves ``x̄_1 = x_0 + σ_1 ε_θ(x̄_1, σ_1)`` — the x_0 prediction at
     x̄_1 equals x_0 — by :func:`fixed_point` to the relative tolerance ``tol`` (default: a hundred
     times the dtype's machine epsilon), raising :class:`ConvergenceError` after ``max_iterations``.
-    The remaining steps use ``method``, each evaluating ε at the noise levels the method prescribes
-    (not the ε(x_t, t+Δ) shortcut). ``sample`` with the same method and timesteps maps the result
-    back to x_0 up to the discretisation error of those steps.
+    (Every one-step method's last step, to σ = 0, is that Euler step: it returns D = x̄_1 - σ_1 ε.)
+
+    The steps above it, σ_i → σ_{i+1}, depend on ``inversion``:
+
+    - ``"explicit"`` (default): ``method``'s own steps, taken upwards, each evaluating ε at the noise
+      levels the method prescribes (not the ε(x_t, t+Δ) shortcut). ``sample`` with the same method and
+      timesteps maps the result back to x_0 up to the discretisation error of those steps (Eq 14 is
+      integrated both ways, the errors do not cancel).
+    - ``"exact"``: each step is the exact inverse of the step ``sample`` takes back down. Write Φ for
+      the decoding step from σ_{i+1} to σ_i (the step function of ``method`` with its stages, and the
+      same σ → t conversions as ``sample``'s). Encoding must give the x̄_{i+1} with Φ(x̄_{i+1}) = x̄_i,
+      that is the fixed point of ``x̄_{i+1} = x̄_i - (Φ(x̄_{i+1}) - x̄_{i+1})``; for Euler (= DDIM,
+      Eq 13) ``x̄_{i+1} = x̄_i + (σ_{i+1} - σ_i) ε_θ(x̄_{i+1}, σ_{i+1})``: the explicit step evaluates ε at
+      the start, the inverse at the end. Each is solved by :func:`fixed_point` (Anderson) from the
+      explicit Euler step (ε at x̄_i known from the step below: no evaluation), to ``tol``, raising
+      :class:`ConvergenceError` naming the step after ``max_iterations`` evaluations of Φ. Then
+      ``sample(model, encode(...), schedule, timesteps, method)`` returns x_0 up to ``tol`` (and the
+      conditioning of the steps), whatever S. Only one-step methods (:func:`is_one_step`: euler, heun,
+      rk4, dpm_solver_2, dpm_solver_3) can be inverted so: a multistep method's decoding step reads
+      evaluations at the levels above σ_{i+1}, not yet reached by the upward pass; they raise ValueError.
+
+    ``stats``, if a dict, receives ``"nfe"``, the model evaluations of the whole encode (each a call on
+    the batch), and ``"iterations"``, the evaluations of the fixed-point map of each implicit step: the
+    first step's, then with ``inversion="exact"`` one per step above it (one of Φ costs the method's
+    evaluations per step, e.g. two for Heun).
     """
     check_x(x0, "x0")
     check_model(model, schedule)
     if method not in METHODS:
         raise ValueError(f"method must be one of the ODE methods {sorted(METHODS)}, got {method!r}")
+    check_inversion(method, inversion)
     if not isinstance(max_iterations, int) or isinstance(max_iterations, bool) or max_iterations < 1:
         raise ValueError(f"max_iterations must be a positive int, got {max_iterations!r}")
     tol = 100 * torch.finfo(x0.dtype).eps if tol is None else tol
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol must be a number > 0, got {tol!r}")
+    if stats is not None and not isinstance(stats, dict):
+        raise ValueError(f"stats must be a dict (to receive the evaluation counts) or None, got {type(stats).__name__}")
     tau = schedule.check_timesteps(timesteps)
     sigmas = schedule.sigma(tau).tolist()  # increasing
-    field = EpsField(model, schedule, METHODS[method].levels(sigmas) + sigmas[:1], dict(zip(sigmas, tau.tolist())))
+    times = tau.tolist()
+    levels = (METHODS[method].levels(sigmas[::-1] + [0.0]) if inversion == "exact"  # sample's own table
+              else METHODS[method].levels(sigmas) + sigmas[:1])
+    eps_field = EpsField(model, schedule, levels, dict(zip(sigmas, times)))
+    nfe = 0
+
+    def field(x_bar, sigma):
+        nonlocal nfe
+        nfe += 1
+        return eps_field(x_bar, sigma)
+
     s_1 = sigmas[0]
     try:
-        x_bar, _, _ = fixed_point(lambda y: torch.add(x0, field(y, s_1), alpha=s_1), x0, tol=tol, max_iterations=max_iterations)
+        x_bar, k, _ = fixed_point(lambda y: torch.add(x0, field(y, s_1), alpha=s_1), x0, tol=tol, max_iterations=max_iterations)
     except ConvergenceError as err:
         raise ConvergenceError(f"encode's first step (0 → σ(τ_1) = {s_1:.4g}): {err}; raise max_iterations or tol, "
                                "or start τ at a smaller timestep") from None
-    if len(sigmas) > 1:
+    iterations = [k]
+    if len(sigmas) > 1 and inversion == "explicit":
         x_bar = integrate(field, x_bar, sigmas, method, progress=progress)
+    elif len(sigmas) > 1:
+        x_bar = _invert_steps(field, x0, x_bar, sigmas, times, method, tol=tol, max_iterations=max_iterations,
+                              iterations=iterations, progress=progress)
+    if stats is not None:
+        stats.update(nfe=nfe, iterations=iterations)
     return x_bar / math.sqrt(1 + sigmas[-1] ** 2)
+
+
+def _invert_steps(field: Field, x0: Tensor, x_bar: Tensor, sigmas: list[float], times: list[float], method: str, *,
+                  tol: float, max_iterations: int, iterations: list[int], progress: bool) -> Tensor:
+    """:func:`encode`'s steps above the first with ``inversion="exact"``: from x̄ at σ_1 = ``sigmas[0]`` up to
+    ``sigmas[-1]``, each x̄_{i+1} solving Φ(x̄_{i+1}) = x̄_i for the decoding step Φ of ``method`` (one-step)."""
+    eps = (x_bar - x0) / sigmas[0]  # ε(x̄_1, σ_1) from the first step's equation, x̄_1 = x_0 + σ_1 ε
+    pairs = list(enumerate(zip(sigmas[:-1], sigmas[1:]), start=1))
+    for i, (s_a, s_b) in tqdm(pairs, desc=f"encode ({method}, exact)", leave=False) if progress else pairs:
+        start: list[Tensor] = []  # ε at the latest iterate, at σ_b: the next step's predictor
+
+        def recording(x, s):
+            e = field(x, s)
+            if s == s_b:
+                start[:] = [e]
+            return e
+
+        def g(y, x_a=x_bar, s_a=s_a, s_b=s_b):  # y + (x̄_a - Φ(y)): its fixed point is mapped to x̄_a by Φ
+            return y + (x_a - answer(solve(method, y, [s_b, s_a]), recording))  # Φ: sample's step σ_b → σ_a
+
+        try:
+            x_bar, k, _ = fixed_point(g, torch.add(x_bar, eps, alpha=s_b - s_a), tol=tol, max_iterations=max_iterations)
+        except ConvergenceError as err:
+            raise ConvergenceError(f"encode's step {i + 1} of {len(sigmas)} (τ_{i} = {times[i - 1]:g} → τ_{i + 1} = "
+                                   f"{times[i]:g}, σ {s_a:.4g} → {s_b:.4g}), inverting {method}'s decoding step: {err}; "
+                                   "raise max_iterations or tol, or use more timesteps") from None
+        iterations.append(k)
+        eps = start[0]
+    return x_bar
