@@ -18,9 +18,9 @@ interpolation with the shipped digits model.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import platform
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -31,6 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_cli import parse, parser_for  # noqa: E402
 from ddim_edu.image.data import load_digits  # noqa: E402
 from ddim_edu.image.grids import make_grid  # noqa: E402
 from ddim_edu.image.pretrained import load_unet  # noqa: E402
@@ -39,7 +41,6 @@ from ddim_edu.paper import TABLE2_RECONSTRUCTION_MSE  # noqa: E402
 from ddim_edu.schedules import linear_schedule  # noqa: E402
 from ddim_edu.solvers import ConvergenceError, encode, sample  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = (10, 20, 50, 100, 200, 500, 1000)
 CONSISTENCY_STEPS = (10, 20, 50, 100, 1000)
 PAIRS = ((0, 6), (1, 7), (3, 8))  # classes of the digits interpolated between (the first held-out digit of each)
@@ -88,7 +89,7 @@ def show_rows(ax, rows, labels, *, title, xlabel, column_labels=None):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_for(__doc__)
     parser.add_argument("--n", type=int, default=355, help="held-out digits reconstructed (default all 355)")
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     parser.add_argument("--spacing", default="uniform", help="τ (default the paper's uniform, which starts at t = 0)")
@@ -97,15 +98,7 @@ def parse_args(argv=None):
     parser.add_argument("--shown", type=int, default=12, help="x_T shown in the consistency figure (default 12)")
     parser.add_argument("--interpolation-steps", type=int, default=100, help="S of the encode and decode (default 100)")
     parser.add_argument("--weights", type=int, default=9, help="points on each slerp path (default 9)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the Markdown and the figures (default docs/)")
-    parser.add_argument("--smoke", action="store_true", help="seconds: 8 digits, S = 2, 4, 8")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-    return args
+    return parse(parser, argv, SMOKE, "8 digits, S = 2, 4, 8")
 
 
 def main(argv=None) -> Path:

@@ -25,7 +25,6 @@ against n real digits, with the floor between two real sets of n.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import platform
 import sys
@@ -40,6 +39,7 @@ import torch  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_cli import parse, parser_for  # noqa: E402
 from ode_accuracy import (  # noqa: E402
     EXTRAPOLATED, PEER_LABELS, best, cell, integer_grid, make_peer, rmse, run_ours, run_peer, split)
 
@@ -51,7 +51,6 @@ from ddim_edu.model import eps_at_sigma  # noqa: E402
 from ddim_edu.schedules import linear_schedule  # noqa: E402
 from ddim_edu.solvers import extrapolated_x0, solve_adaptive  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGETS = (5, 10, 20, 50)  # NFE targets
 T_MINS = (0, 10)  # smallest timestep of the karras and logsnr grids
 GRIDS = ("trailing", *(f"{s}@{t}" for s in ("karras", "logsnr") for t in T_MINS))
@@ -307,22 +306,14 @@ def plot(rows, info, args, path):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_for(__doc__)
     parser.add_argument("--n", type=int, default=256, help="points x_T (default 256; at most 898 for the floor)")
     parser.add_argument("--targets", type=int, nargs="+", default=list(TARGETS), help="NFE targets (default 5 10 20 50)")
     parser.add_argument("--grids", nargs="+", default=list(GRIDS), choices=GRIDS, help="the grids tried (default all)")
     parser.add_argument("--tol", type=float, default=1e-7, help="the reference's rtol = atol (default 1e-7)")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates of the Fréchet distance (default 200)")
     parser.add_argument("--subsets", type=int, default=100, help="KID's subsets (default 100)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the Markdown and the figure (default docs/)")
-    parser.add_argument("--smoke", action="store_true", help="seconds: 8 points, NFE 5 and 10, two grids, reference at 1e-3")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-    return args
+    return parse(parser, argv, SMOKE, "8 points, NFE 5 and 10, two grids, reference at 1e-3")
 
 
 def main(argv=None) -> Path:

@@ -26,9 +26,9 @@ small model on shared cores, as :mod:`ddim_edu.utils.threads` explains).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +40,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_cli import parse, parser_for  # noqa: E402
 from ddim_edu.evaluation.digits import (  # noqa: E402
     digits_features, digits_floor, disjoint_digits, frechet_bootstrap, kernel_distance)
 from ddim_edu.evaluation.fid import feature_statistics, frechet_distance  # noqa: E402
@@ -48,7 +50,6 @@ from ddim_edu.image.pretrained import load_unet  # noqa: E402
 from ddim_edu.paper import SIGMA_HAT, TABLE1_FID, table1_row_label, table1_sample  # noqa: E402
 from ddim_edu.schedules import linear_schedule  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = (10, 20, 50, 100, 1000)
 ETAS = (0.0, 0.2, 0.5, 1.0)
 ROWS = (*ETAS, SIGMA_HAT)
@@ -322,21 +323,14 @@ def plot_samples(images, res, args, path: Path, count: int = 16):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_for(__doc__)
     parser.add_argument("--n", type=int, default=800, help="samples per cell for S below the largest (default 800; at most 898)")
     parser.add_argument("--n-last", type=int, default=200, help="samples per cell for the largest S (default 200)")
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="the S columns (default 10 20 50 100 1000)")
     parser.add_argument("--spacings", nargs="+", default=list(SPACINGS), choices=SPACINGS)
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates of the Fréchet distance (default 200)")
     parser.add_argument("--subsets", type=int, default=100, help="KID's subsets (default 100)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the Markdown and the figures (default docs/)")
-    parser.add_argument("--smoke", action="store_true", help="seconds: n = 24 (16 at the largest S), S = 2, 4, 8")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
+    args = parse(parser, argv, SMOKE, "n = 24 (16 at the largest S), S = 2, 4, 8")
     args.steps = sorted(args.steps)
     if len(args.steps) < 3:
         parser.error("--steps needs at least 3 columns (small S, middle, largest)")
