@@ -226,7 +226,7 @@ def markdown(res, floors, args, threads, seconds, sampling_seconds, evals) -> li
          "`frechet_bootstrap`); **KID** (unbiased MMD², cubic kernel, "
          f"{args.subsets} subsets of min(100, n/2)) ± its standard error, which covers the subset sampling only. "
          "The floor row: the reference set against the second, disjoint set of n real digits (`digits_floor`), what a "
-         "perfect generator would score at that n. The Fréchet distance is biased upward by O(D/n), so compare "
+         "perfect generator would score at that n. The Fréchet distance is biased upward by O(d/n), so compare "
          f"values within a column, and the S = {args.steps[-1]} column only with its own floor; KID is unbiased. "
          "These are not FID values and cannot be compared with the paper's."),
         ("- Standard errors of differences: the rows of a column share x_T and the reference set, and their bootstrap "

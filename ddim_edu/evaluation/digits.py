@@ -432,7 +432,7 @@ def digits_floor(n: int, *, seed: int = 0, model: DigitsClassifier | None = None
     The two sets are those of :func:`disjoint_digits` (``n``, ``seed``); KID's subsets (and the
     ``bootstrap`` replicates of :func:`digits_distances`) come from a generator seeded with
     ``seed + 1``. Each set is a random draw, as a generator's n samples are, so the floor holds
-    only what the finite set size does: the Fréchet distance's upward bias of O(D/n) and KID's
+    only what the finite set size does: the Fréchet distance's upward bias of O(d/n) and KID's
     spread around 0. Held-out against train images would not do: the held-out split is stratified
     (exactly every 5th image of each class), so its class counts match the train split's more
     closely than two random draws' do, and its distances to train images are lower than a generator
