@@ -486,3 +486,208 @@ def check_step_alphas(fn: Callable) -> Verdict:
                      "for the evenly spaced τ": wrong(lambda tau, step: tau - step),
                      "on a sub-sequence α_{t−1} becomes α_{τ_{i−1}}, the previous entry of τ, not the index τ_i − 1 "
                      "of the full chain": wrong(lambda tau, step: tau - 1)})
+
+
+# --- notebook 06: encoding, reconstruction and slerp --------------------------------------------
+
+__all__ += ["check_encode_decode", "check_encode_first_step", "check_slerp"]
+
+
+def _ring_field(ring: GaussianMixture) -> Callable:
+    """Eq 14's exact field of a mixture in the variables of the ODE: ``eps(x_bar, s)`` = ε*(x̄/sqrt(1 + σ²)) at level σ."""
+    def eps(x_bar, s):
+        alpha = 1 / (1 + float(s) ** 2)  # α = 1/(1 + σ²)
+        return ring.eps(x_bar * math.sqrt(alpha), alpha)
+
+    return eps
+
+
+def check_encode_first_step(fn: Callable) -> Verdict:
+    """The first step of DDIM inversion, from σ = 0 up to σ_1 = σ(τ_1): ``fn(eps, x0, s_1)`` must return the x̄_1
+    that solves x̄_1 = x_0 + σ_1 ε(x̄_1, σ_1), the one point from which the sampler's last (Euler) step,
+    x_0 = x̄_1 − σ_1 ε(x̄_1, σ_1), lands exactly on x_0.
+
+    Compared with :func:`ddim_edu.solvers.encode` on the one-entry τ = (τ_1,), whose x_T is x̄_1/sqrt(1 + σ_1²),
+    on the exact field of the 8-Gaussian ring (std 0.05) at τ_1 = 10, where σ_1 ≈ 0.047 is about the ring's own
+    scale: one explicit step visibly misses, and plain iteration converges (about 50 iterations to rounding).
+    """
+    from .solvers import encode, fixed_point
+
+    schedule, ring = linear_schedule(), GaussianMixture.ring()
+    eps = _ring_field(ring)
+    t_1 = 10  # the timestep index τ_1
+    s_1 = float(schedule.sigma(t_1))
+    x0 = ring.sample(16, generator=_generator(13))
+    expected = encode(ring.eps_model(schedule), x0, schedule, [t_1], "euler") * math.sqrt(1 + s_1**2)
+    explicit = x0 + s_1 * eps(x0, s_1)
+    downwards, _, _ = fixed_point(lambda y: x0 - s_1 * eps(y, s_1), x0, tol=1e-14, max_iterations=500)
+    verdict = _compare("encode's first step, 0 → σ_1", lambda: fn(eps, x0, s_1), expected,
+                       "iterate x̄ ← x_0 + σ_1·ε(x̄, σ_1), starting from x̄ = x_0, until it stops changing (about "
+                       "50 iterations here: each shrinks the error by about σ_1·|∂ε/∂x̄| < 1); return x̄_1, not x_1 = x̄_1/sqrt(1 + σ_1²)",
+                       {"that is one explicit step with ε taken at x_0: the step must invert the sampler's last step, "
+                        "which takes ε at x̄_1; solve x̄_1 = x_0 + σ_1·ε(x̄_1, σ_1) by iterating it": explicit,
+                        "that is x_1 = x̄_1/sqrt(1 + σ_1²), in the model's coordinates; return x̄_1 itself":
+                        expected / math.sqrt(1 + s_1**2),
+                        "encoding goes up in σ: x̄_1 = x_0 + σ_1·ε(x̄_1, σ_1), with a plus (the sampler's last step "
+                        "subtracts σ_1·ε)": downwards})
+    if not verdict:
+        return verdict
+    got = torch.as_tensor(fn(eps, x0, s_1), dtype=torch.float64)
+    back = float((got - s_1 * eps(got, s_1) - x0).abs().max())
+    missed = float((explicit - s_1 * eps(explicit, s_1) - x0).abs().max())
+    return Verdict(verdict.exercise, True, f"{verdict.measured}; the sampler's last step from your x̄_1 returns x_0 "
+                   f"to {back:.1e}, from one explicit step x_0 + σ_1·ε(x_0, σ_1) it would miss by {missed:.1e}")
+
+
+def check_encode_decode(fn: Callable) -> Verdict:
+    """Encode on one grid, decode on another: ``fn(model, x0, schedule, tau_enc, tau_dec)`` must return the x_0 that
+    DDIM (η = 0) decodes on ``tau_dec`` from the latent that DDIM inversion finds on ``tau_enc``,
+    ``sample(model, encode(model, x0, schedule, tau_enc), schedule, tau_dec)``.
+
+    Run on the exact ε of the 8-Gaussian ring (500 points, float64) with the uniform τ of S = 10 and S = 50, both
+    ways round. A right answer's verdict also reports the round-trip RMSE of all four pairings of the two grids,
+    measured, so that it says whether decoding on the other grid adds error to the latents of each.
+    """
+    from .solvers import encode
+
+    schedule, ring = linear_schedule(), GaussianMixture.ring()
+    model = ring.eps_model(schedule)
+    x0 = ring.sample(500, generator=_generator(14))
+    taus = {S: schedule.timesteps(S, "uniform") for S in (10, 50)}
+    latents = {S: encode(model, x0, schedule, tau, "euler") for S, tau in taus.items()}
+    decoded = {(a, b): sample(model, latents[a], schedule, taus[b], "euler") for a in taus for b in taus}
+    pairs = [(10, 50), (50, 10)]
+
+    def stacked(of):
+        return torch.stack([torch.as_tensor(of(a, b), dtype=torch.float64) for a, b in pairs])
+
+    verdict = _compare("encode on τ_enc, decode on τ_dec",
+                       lambda: stacked(lambda a, b: fn(model, x0, schedule, taus[a].clone(), taus[b].clone())),
+                       stacked(lambda a, b: decoded[a, b]),
+                       "x_T = encode(model, x0, schedule, tau_enc) (DDIM inversion, method 'euler'), then "
+                       "sample(model, x_T, schedule, tau_dec) (DDIM, η = 0)",
+                       {"decode on tau_dec: the decoder's grid is the second one": stacked(lambda a, b: decoded[a, a]),
+                        "encode on tau_enc: the encoder's grid is the first one": stacked(lambda a, b: decoded[b, b]),
+                        "the grids are swapped: encode on tau_enc, decode on tau_dec": stacked(lambda a, b: decoded[b, a]),
+                        "that is the latent x_T: decode it with sample on tau_dec": stacked(lambda a, b: latents[a])})
+    if not verdict:
+        return verdict
+    rmse = {k: float((v - x0).pow(2).mean().sqrt()) for k, v in decoded.items()}
+
+    def effect(S, other):
+        ratio = rmse[S, other] / rmse[S, S]
+        return (f"decoding the S = {S} latents on the S = {other} grid {'adds' if ratio > 1 else 'removes'} error "
+                f"({rmse[S, S]:.1e} → {rmse[S, other]:.1e}, {ratio:.2f}×)")
+
+    return Verdict(verdict.exercise, True, f"{verdict.measured}; round-trip RMSE on the ring: {effect(10, 50)}; "
+                   f"{effect(50, 10)}")
+
+
+def check_slerp(fn: Callable) -> Verdict:
+    """Section 5.3: ``fn(x0, x1, w)`` (x0, x1 [B, d] float64, w a float in [0, 1]) must return, row by row,
+    slerp = sin((1 − w)θ)/sin θ · x0 + sin(wθ)/sin θ · x1 with θ = arccos(⟨x0, x1⟩/(‖x0‖ ‖x1‖)).
+
+    Compared with :func:`ddim_edu.interpolation.slerp` on 8 pairs of latents in d = 64 with different norms, at
+    w = 0, 0.3, 0.5, 0.85 and 1.
+    """
+    from .interpolation import slerp
+
+    g = _generator(15)
+    x0 = torch.randn(8, 64, generator=g, dtype=torch.float64) * (0.5 + torch.rand(8, 1, generator=g, dtype=torch.float64))
+    x1 = torch.randn(8, 64, generator=g, dtype=torch.float64) * (0.5 + torch.rand(8, 1, generator=g, dtype=torch.float64))
+    weights = (0.0, 0.3, 0.5, 0.85, 1.0)
+
+    def each(of):
+        return torch.stack([torch.as_tensor(of(w), dtype=torch.float64) for w in weights])
+
+    def unit(x):
+        return x / x.norm(dim=1, keepdim=True)
+
+    def by_angle(theta, a, b):  # the slerp formula with a given angle θ (a float or [B, 1])
+        theta = torch.as_tensor(theta, dtype=torch.float64)
+        return lambda w: (torch.sin((1 - w) * theta) * a + torch.sin(w * theta) * b) / torch.sin(theta)
+
+    theta_batch = torch.arccos((unit(x0.reshape(1, -1)) * unit(x1.reshape(1, -1))).sum())  # one angle for the batch
+    theta = torch.arccos((unit(x0) * unit(x1)).sum(1, keepdim=True))
+    return _compare("slerp (Section 5.3)", lambda: each(lambda w: fn(x0.clone(), x1.clone(), w)),
+                    each(lambda w: slerp(x0, x1, w)),
+                    "θ = arccos(⟨x0, x1⟩/(‖x0‖·‖x1‖)) per row (sum over the last dimension, keepdim), then "
+                    "sin((1 − w)θ)/sin θ · x0 + sin(wθ)/sin θ · x1",
+                    {"that is linear interpolation: between nearly orthogonal latents its norm sags by up to 1/sqrt(2); "
+                     "slerp weighs x0 by sin((1 − w)θ)/sin θ and x1 by sin(wθ)/sin θ": each(lambda w: (1 - w) * x0 + w * x1),
+                     "normalise only to compute the angle θ: the weights multiply x0 and x1 themselves, so that w = 0 "
+                     "gives x0 and the norms are kept": each(by_angle(theta, unit(x0), unit(x1))),
+                     "w = 0 must give x0: x0's weight is sin((1 − w)θ)/sin θ, x1's is sin(wθ)/sin θ":
+                     each(lambda w: by_angle(theta, x0, x1)(1 - w)),
+                     "θ is the angle of each pair (row), not one angle over the whole batch: reduce over the last "
+                     "dimension only": each(by_angle(theta_batch, x0, x1))})
+
+
+# --- notebook 07: the Fréchet distance and σ̂ ----------------------------------------------------
+
+__all__ += ["check_frechet_distance", "check_sigma_hat"]
+
+
+def check_frechet_distance(fn: Callable) -> Verdict:
+    """FID's distance (Heusel et al. 2017): ``fn(mu1, sigma1, mu2, sigma2)`` (NumPy float64 means [D] and covariances
+    [D, D]) must return d² = ‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^{1/2}), a number.
+
+    Compared with :func:`ddim_edu.evaluation.fid.frechet_distance` on three seeded pairs of Gaussians (D = 2, 5 and 8)
+    whose covariances do not commute, so that (Σ1Σ2)^{1/2} differs from Σ1^{1/2}Σ2^{1/2}; their entries are positive,
+    so that an entrywise square root is finite and recognised.
+    """
+    import numpy as np
+    from scipy import linalg
+
+    from .evaluation.fid import frechet_distance
+
+    rng = np.random.default_rng(16)
+    cases = []
+    for D in (2, 5, 8):
+        a, b = rng.uniform(0.1, 1.0, (D, D)), rng.uniform(0.1, 1.0, (D, D))
+        cases.append((rng.normal(size=D), a @ a.T / D + 0.2 * np.eye(D), rng.normal(size=D), b @ b.T / D + 0.2 * np.eye(D)))
+
+    def each(of):
+        return torch.tensor([float(np.real(np.asarray(of(*case)))) for case in cases], dtype=torch.float64)
+
+    def wrong(mean=lambda d: d @ d, cross=lambda s1, s2: 2 * linalg.sqrtm(s1 @ s2).real):
+        return each(lambda m1, s1, m2, s2: mean(m1 - m2) + np.trace(s1 + s2 - cross(s1, s2)))
+
+    return _compare("the Fréchet distance of two Gaussians", lambda: each(fn), each(frechet_distance),
+                    "‖μ1 − μ2‖² + tr(Σ1) + tr(Σ2) − 2·tr((Σ1Σ2)^{1/2}), with (Σ1Σ2)^{1/2} the matrix square root "
+                    "of the product: scipy.linalg.sqrtm(sigma1 @ sigma2) (keep its real part)",
+                    {"the cross term needs the matrix square root of the product, (Σ1Σ2)^{1/2} "
+                     "(scipy.linalg.sqrtm), not Σ1Σ2 itself": wrong(cross=lambda s1, s2: 2 * s1 @ s2),
+                     "np.sqrt takes the root of each entry; (Σ1Σ2)^{1/2} is the matrix R with R·R = Σ1Σ2: "
+                     "scipy.linalg.sqrtm": wrong(cross=lambda s1, s2: 2 * np.sqrt(s1 @ s2)),
+                     "(Σ1Σ2)^{1/2} equals Σ1^{1/2}Σ2^{1/2} only when Σ1 and Σ2 commute: take the root of the product":
+                     wrong(cross=lambda s1, s2: 2 * (linalg.sqrtm(s1) @ linalg.sqrtm(s2)).real),
+                     "the cross term is 2·tr((Σ1Σ2)^{1/2}): the factor 2 is missing":
+                     wrong(cross=lambda s1, s2: linalg.sqrtm(s1 @ s2).real),
+                     "the means enter squared: ‖μ1 − μ2‖², not ‖μ1 − μ2‖": wrong(mean=lambda d: np.sqrt(d @ d)),
+                     "FID is the squared distance d², as written: no square root of the whole":
+                     each(lambda *case: math.sqrt(frechet_distance(*case)))})
+
+
+def check_sigma_hat(fn: Callable) -> Verdict:
+    """Table 1's last row: ``fn(alpha, alpha_prev)`` ([n] float64 tensors of α_{τ_i} and α_{τ_{i−1}}) must return
+    σ̂_{τ_i} = sqrt(1 − α_{τ_i}/α_{τ_{i−1}}), DDPM's ancestral noise std on the sub-sequence τ.
+
+    Compared with :func:`ddim_edu.forward.sigma_hat` on the steps of the uniform and the quad τ for S = 10 (the
+    last step lands on α_0 = 1) and on 32 random pairs of consecutive timesteps.
+    """
+    from .forward import sigma_hat
+
+    schedule = linear_schedule()
+    steps = [schedule.step_alphas(schedule.timesteps(10, spacing)) for spacing in ("uniform", "quad")] + [_alphas(32, 17)]
+    alpha = torch.cat([a for a, _ in steps])
+    alpha_prev = torch.cat([b for _, b in steps])
+    return _compare("σ̂ of Table 1", lambda: fn(alpha.clone(), alpha_prev.clone()), sigma_hat(alpha, alpha_prev),
+                    "σ̂ = sqrt(1 − α_{τ_i}/α_{τ_{i−1}}): α is the cumulative product, α_{τ_i} < α_{τ_{i−1}}, so the "
+                    "ratio is below 1",
+                    {"that is σ_{τ_i}(η = 1) of Eq 16; σ̂ drops its factor sqrt((1 − α_{τ_{i−1}})/(1 − α_{τ_i})) and is "
+                     "larger": sigma_eta(alpha, alpha_prev, 1.0),
+                     "that is the variance 1 − α_{τ_i}/α_{τ_{i−1}}: σ̂ is a standard deviation, its square root":
+                     1 - alpha / alpha_prev,
+                     "that is sqrt(1 − α_{τ_i}), the noise std of x_t given x_0 (Eq 4); σ̂ is the std of one step, "
+                     "from the ratio α_{τ_i}/α_{τ_{i−1}}": (1 - alpha).sqrt()})

@@ -245,3 +245,132 @@ def test_the_step_alphas_checker_reports_swapped_and_unfinished_answers():
         raise NotImplementedError
 
     assert "NotImplementedError" in str(ex.check_step_alphas(unfinished))
+
+
+# --- notebooks 06 and 07: encoding, slerp, the Fréchet distance, σ̂ ------------------------------------------
+
+import numpy as np  # noqa: E402  (this section's own imports)
+from scipy import linalg  # noqa: E402
+
+from ddim_edu.solvers import encode, sample  # noqa: E402
+
+
+def first_step(eps, x0, s_1):
+    """x̄_1 = x_0 + σ_1 ε(x̄_1, σ_1) by plain iteration from x_0."""
+    x_bar = x0
+    for _ in range(200):
+        x_bar, previous = x0 + s_1 * eps(x_bar, s_1), x_bar
+        if torch.equal(x_bar, previous):
+            break
+    return x_bar
+
+
+def euler_round_trip(model, x0, schedule, tau_enc, tau_dec):
+    """DDIM inversion and DDIM decoding written out in (σ, x̄): the first step by iteration, then Euler upwards with ε
+    at the lower end of each step; down again by Euler with ε at the upper end, the last step to σ = 0."""
+    def eps(x_bar, t):
+        s = float(schedule.sigma(t))
+        return model(x_bar / math.sqrt(1 + s**2), torch.full((x_bar.shape[0],), float(t), dtype=torch.float64))
+
+    up = [float(t) for t in tau_enc]
+    s = [float(schedule.sigma(t)) for t in up]
+    x_bar = x0
+    for _ in range(500):
+        x_bar, previous = x0 + s[0] * eps(x_bar, up[0]), x_bar
+        if (x_bar - previous).abs().max() < 1e-15:
+            break
+    for k in range(1, len(up)):
+        x_bar = x_bar + (s[k] - s[k - 1]) * eps(x_bar, up[k - 1])
+    x_T = x_bar / math.sqrt(1 + s[-1] ** 2)
+    down = [float(t) for t in reversed(tau_dec)]
+    s = [float(schedule.sigma(t)) for t in down] + [0.0]
+    x_bar = x_T * math.sqrt(1 + s[0] ** 2)
+    for k, t in enumerate(down):
+        x_bar = x_bar + (s[k + 1] - s[k]) * eps(x_bar, t)
+    return x_bar
+
+
+def slerp(x0, x1, w):
+    cos = (x0 * x1).sum(1, keepdim=True) / (x0.norm(dim=1, keepdim=True) * x1.norm(dim=1, keepdim=True))
+    theta = torch.arccos(cos)
+    return (torch.sin((1 - w) * theta) * x0 + torch.sin(w * theta) * x1) / torch.sin(theta)
+
+
+def frechet(mu1, sigma1, mu2, sigma2):
+    """tr((Σ1Σ2)^{1/2}) as the sum of the square roots of the eigenvalues of Σ1Σ2 (real and ≥ 0: Σ1Σ2 is similar to
+    Σ1^{1/2}Σ2Σ1^{1/2})."""
+    root_trace = np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).real.clip(min=0)).sum()
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * root_trace)
+
+
+def sigma_hat(alpha, alpha_prev):
+    return torch.sqrt(1 - alpha / alpha_prev)
+
+
+@pytest.mark.parametrize("check, answer", [
+    (ex.check_encode_first_step, first_step), (ex.check_encode_decode, euler_round_trip), (ex.check_slerp, slerp),
+    (ex.check_frechet_distance, frechet), (ex.check_sigma_hat, sigma_hat)], ids=lambda v: getattr(v, "__name__", ""))
+def test_notebook_06_07_right_answers_are_told_right(check, answer):
+    verdict = check(answer)
+    assert verdict and str(verdict).startswith("✔") and "≤ 1e-10" in str(verdict), verdict
+    assert check.__name__ in ex.__all__
+
+
+def test_the_encoding_checkers_report_what_they_measured():
+    """The first step's verdict measures how far the sampler's last step lands from x_0; the grids' verdict measures
+    the round trip of both pairings and says for each whether the other grid adds or removes error."""
+    assert "would miss by" in ex.check_encode_first_step(first_step).measured
+    measured = ex.check_encode_decode(euler_round_trip).measured
+    assert "S = 10 latents on the S = 50 grid" in measured and "S = 50 latents on the S = 10 grid" in measured
+    assert measured.count(" error (") == 2
+
+
+def grids(pick):
+    """A round trip with the library's encode and sample on the grids that ``pick(tau_enc, tau_dec)`` returns."""
+    def answer(model, x0, schedule, tau_enc, tau_dec):
+        enc, dec = pick(tau_enc, tau_dec)
+        return sample(model, encode(model, x0, schedule, enc), schedule, dec)
+    return answer
+
+
+def frechet_with(cross, mean=lambda d: d @ d):
+    """‖μ1 − μ2‖² + tr(Σ1 + Σ2) − tr(cross(Σ1, Σ2)), with a (wrong) cross term or mean term."""
+    return lambda m1, s1, m2, s2: mean(m1 - m2) + np.trace(s1 + s2 - cross(s1, s2))
+
+
+def sqrtm(a):
+    return linalg.sqrtm(a).real
+
+
+@pytest.mark.parametrize("check, answer, hint", [
+    (ex.check_encode_first_step, lambda eps, x0, s: x0 + s * eps(x0, s), "one explicit step"),
+    (ex.check_encode_first_step, lambda eps, x0, s: first_step(eps, x0, s) / math.sqrt(1 + s**2), "return x̄_1 itself"),
+    (ex.check_encode_first_step, lambda eps, x0, s: first_step(lambda x, s_: -eps(x, s_), x0, s), "with a plus"),
+    (ex.check_encode_decode, grids(lambda e, d: (e, e)), "decode on tau_dec"),
+    (ex.check_encode_decode, grids(lambda e, d: (d, d)), "encode on tau_enc"),
+    (ex.check_encode_decode, grids(lambda e, d: (d, e)), "swapped"),
+    (ex.check_encode_decode, lambda m, x0, sch, te, td: encode(m, x0, sch, te), "that is the latent"),
+    (ex.check_slerp, lambda a, b, w: (1 - w) * a + w * b, "linear interpolation"),
+    (ex.check_slerp, lambda a, b, w: slerp(a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True), w),
+     "normalise only to compute the angle"),
+    (ex.check_slerp, lambda a, b, w: slerp(a, b, 1 - w), "w = 0 must give x0"),
+    (ex.check_slerp, lambda a, b, w: slerp(a.reshape(1, -1), b.reshape(1, -1), w).reshape(a.shape), "one angle over the whole batch"),
+    (ex.check_frechet_distance, frechet_with(lambda s1, s2: 2 * s1 @ s2), "not Σ1Σ2 itself"),
+    (ex.check_frechet_distance, frechet_with(lambda s1, s2: 2 * np.sqrt(s1 @ s2)), "root of each entry"),
+    (ex.check_frechet_distance, frechet_with(lambda s1, s2: 2 * sqrtm(s1) @ sqrtm(s2)), "only when Σ1 and Σ2 commute"),
+    (ex.check_frechet_distance, frechet_with(lambda s1, s2: sqrtm(s1 @ s2)), "the factor 2 is missing"),
+    (ex.check_frechet_distance, frechet_with(lambda s1, s2: 2 * sqrtm(s1 @ s2), mean=lambda d: math.sqrt(d @ d)),
+     "the means enter squared"),
+    (ex.check_frechet_distance, lambda *a: math.sqrt(frechet(*a)), "no square root of the whole"),
+    (ex.check_sigma_hat, lambda a, ap: sigma_eta(a, ap, 1.0), "that is σ_{τ_i}(η = 1) of Eq 16"),
+    (ex.check_sigma_hat, lambda a, ap: 1 - a / ap, "that is the variance"),
+    (ex.check_sigma_hat, lambda a, ap: (1 - a).sqrt(), "that is sqrt(1 − α_{τ_i})"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_notebook_06_07_usual_mistakes_get_their_hints(check, answer, hint):
+    verdict = check(answer)
+    assert not verdict and hint in verdict.hint, verdict
+
+
+def test_the_sigma_hat_checker_points_at_the_inverted_ratio():
+    verdict = ex.check_sigma_hat(lambda a, ap: torch.sqrt(1 - ap / a))
+    assert not verdict and "NaN" in verdict.measured and "the ratio is below 1" in verdict.hint
