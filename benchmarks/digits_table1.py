@@ -43,7 +43,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_cli import parse, parser_for  # noqa: E402
 from ddim_edu.evaluation.digits import (  # noqa: E402
-    digits_features, digits_floor, disjoint_digits, frechet_bootstrap, kernel_distance)
+    digits_features, digits_floor, disjoint_digits, frechet_bootstrap, kernel_distance, paired_difference)
 from ddim_edu.evaluation.fid import feature_statistics, frechet_distance  # noqa: E402
 from ddim_edu.image.grids import make_grid  # noqa: E402
 from ddim_edu.image.pretrained import load_unet  # noqa: E402
@@ -93,7 +93,7 @@ def measure(features, reference, args, seed_offset: int = 0) -> dict:
 
 def paired(a: dict, b: dict) -> tuple[float, float]:
     """(FD of a − FD of b, its paired bootstrap standard error)."""
-    return a["fd"] - b["fd"], float((a["boot"] - b["boot"]).std(ddof=1))
+    return paired_difference(a["fd"], a["boot"], b["fd"], b["boot"])
 
 
 # --- the findings, computed ---------------------------------------------------------------------

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ddim_edu.mixture import GaussianMixture
+from ddim_edu.model import CountingModel
 from ddim_edu.schedules import linear_schedule
 from ddim_edu.solvers import METHODS, sample
 
@@ -77,21 +78,7 @@ def expected_nfe(method: str, S: int) -> int:
 
 def steps_for(method: str, target: int) -> int:
     """The largest S (at least 2, for the fractional grids) with NFE ≤ target."""
-    S = 2
-    while expected_nfe(method, S + 1) <= target:
-        S += 1
-    return S
-
-
-class Counted:
-    """A model ``model(x, t)`` that counts its calls (the NFE)."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        return self.model(x, t)
+    return target if method == "ddim" else METHODS[split(method)[0]].steps_for(target, minimum=2)
 
 
 def rmse(x, ref) -> float:
@@ -154,11 +141,11 @@ def extrapolated_last_step(mixture, schedule, states, x0_ref, t1=0, t2=3) -> flo
 
 def run_ours(model, x_T, schedule, method, grid_name, target):
     S = steps_for(method, target)
-    counted = Counted(model)
+    counted = CountingModel(model)
     x0 = sample_row(counted, x_T, schedule, grid(schedule, grid_name, S), method)
-    if counted.calls != expected_nfe(method, S):
-        raise RuntimeError(f"{method} on {grid_name}, S={S}: {counted.calls} model calls, expected {expected_nfe(method, S)}")
-    return x0, S, counted.calls
+    if counted.nfe != expected_nfe(method, S):
+        raise RuntimeError(f"{method} on {grid_name}, S={S}: {counted.nfe} model calls, expected {expected_nfe(method, S)}")
+    return x0, S, counted.nfe
 
 
 # --- diffusers -----------------------------------------------------------------------------------
@@ -209,12 +196,12 @@ def make_peer(name: str, schedule, *, S: int | None = None, timesteps: list[int]
 
 def run_peer(sched, model, x_T):
     """x_T fed in at the scheduler's first timestep, one model call per timestep."""
-    counted = Counted(model)
+    counted = CountingModel(model)
     x = x_T.clone()
     for t in sched.timesteps:
         eps = counted(x, torch.full((x.shape[0],), float(t), dtype=x.dtype))
         x = sched.step(eps, t, x).prev_sample
-    return x, len(sched.timesteps), counted.calls
+    return x, len(sched.timesteps), counted.nfe
 
 
 def integer_grid(schedule, name: str, target: int) -> list[int]:

@@ -381,6 +381,20 @@ class Method:
         """Model evaluations for S timesteps: S - 1 steps between them, then the last one to σ = 0."""
         return len(self.levels([float(S - i) for i in range(S)] + [0.0]))
 
+    def steps_for(self, budget: int, minimum: int = 1) -> int:
+        """The most timesteps S (at least ``minimum``) whose solve costs at most ``budget`` evaluations.
+
+        NFE grows with S for every method, so this is where ``nfe`` first exceeds the budget, less one;
+        comparing methods at equal cost means giving each ``steps_for`` the same budget.
+        """
+        minimum = max(minimum, self.min_timesteps)
+        if self.nfe(minimum) > budget:
+            raise ValueError(f"budget {budget} is below the {self.nfe(minimum)} evaluations of {minimum} timesteps")
+        S = minimum
+        while self.nfe(S + 1) <= budget:
+            S += 1
+        return S
+
 
 METHODS = {
     "euler": Method(euler_step, 1),

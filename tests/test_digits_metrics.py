@@ -294,3 +294,15 @@ def test_distances_and_floor_name_the_bad_argument(classifier):
         dm.digits_floor(899, model=classifier)
     with pytest.raises(ValueError, match="n must be an int"):
         dm.digits_floor(1, model=classifier)
+
+
+def test_paired_difference_is_the_spread_of_the_replicates_differences():
+    rng = np.random.default_rng(7)
+    common = rng.normal(10, 3, 200)  # what both replicate arrays share (the reference set's draw)
+    own = rng.normal(0, 0.5, 200)
+    d, se = dm.paired_difference(4.0, common + own, 3.0, common)
+    assert d == 1.0 and se == pytest.approx(own.std(ddof=1), rel=1e-12)
+    assert se < 0.2 * common.std(ddof=1)  # far below either distance's own spread
+    assert dm.paired_difference(2.0, common + 1.5, 1.0, common)[1] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="paired arrays"):
+        dm.paired_difference(1.0, common, 1.0, common[:10])

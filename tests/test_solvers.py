@@ -527,3 +527,14 @@ def test_exact_encode_refuses_multistep_methods_and_says_when_a_step_does_not_co
         encode(model, x0, sched, tau, inversion="exact", max_iterations=3)
     with pytest.raises(ConvergenceError, match="encode's first step"):
         encode(model, x0, sched, tau, inversion="exact", max_iterations=1)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_steps_for_is_the_most_timesteps_within_the_budget(name):
+    """nfe(S) ≤ budget < nfe(S + 1) at S = steps_for(budget), for budgets from the smallest possible upwards."""
+    m = METHODS[name]
+    for budget in range(m.nfe(2), 60):
+        S = m.steps_for(budget, minimum=2)
+        assert m.nfe(S) <= budget < m.nfe(S + 1), (name, budget, S)
+    with pytest.raises(ValueError, match="budget 1 is below"):
+        m.steps_for(1, minimum=2)

@@ -53,6 +53,7 @@ __all__ = [
     "digits_floor",
     "disjoint_digits",
     "frechet_bootstrap",
+    "paired_difference",
     "frechet_digits_distance",
     "kernel_distance",
     "load_digits_classifier",
@@ -303,6 +304,15 @@ def frechet_bootstrap(features_x, features_y, *, replicates: int = 200,
         j = torch.randint(len(fy), (len(fy),), generator=g).numpy()
         out[b] = frechet_distance(*feature_statistics(fx[i]), *feature_statistics(fy[j]))
     return out
+
+
+def paired_difference(distance_a: float, replicates_a, distance_b: float, replicates_b) -> tuple[float, float]:
+    """distance_a − distance_b and its paired bootstrap standard error, the std (ddof 1) of the replicates'
+    differences (:func:`frechet_bootstrap` arrays drawn with identically seeded generators, as its docstring says)."""
+    a, b = np.asarray(replicates_a, dtype=float), np.asarray(replicates_b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"replicates_a and replicates_b must be paired arrays [R], R >= 2, got {a.shape} and {b.shape}")
+    return float(distance_a - distance_b), float((a - b).std(ddof=1))
 
 
 # --- the kernel distance (KID) -------------------------------------------------------------------
