@@ -214,8 +214,18 @@ INTERRUPTIONS = {
 }
 
 
+@pytest.fixture
+def sigint_as_at_a_terminal():
+    """SIGINT with Python's own handler, as a run started at a terminal has it (a job a non-interactive shell
+    starts in the background inherits an ignored SIGINT, which the trainer rightly leaves alone)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("where, how", list(INTERRUPTIONS))
-def test_interrupt_anywhere_in_a_step_saves_the_last_finished_step(reference, tmp_path, monkeypatch, where, how):
+def test_interrupt_anywhere_in_a_step_saves_the_last_finished_step(reference, tmp_path, monkeypatch, where, how,
+                                                                   sigint_as_at_a_terminal):
     """Wherever Ctrl-C or SIGTERM lands in a step, the checkpoint is that of the last finished step (periodic ones
     at step 2 only), and resuming from it reproduces the uninterrupted run bit for bit."""
     from torch.optim.swa_utils import AveragedModel
