@@ -8,7 +8,7 @@ does not render, an output JupyterLab cannot display, a kernel that dies. For ea
    files are never touched, in fast mode: DDIM_EDU_FAST=1, one torch thread),
 2. runs all cells and waits until the kernel is idle and every code cell has run,
 3. fails if a cell's output is an error, or if a notebook that builds ipywidgets shows none,
-4. saves a screenshot of the top of the notebook and of its last figure under docs/browser/.
+4. saves a screenshot of each walkthrough notebook as the run left it and of its last figure under docs/browser/.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``apt-get install chromium chromium-driver``)
 and ``pip install selenium jupyterlab ipywidgets`` (the ``notebooks`` extra and selenium). Run from
@@ -40,6 +40,7 @@ NOTEBOOKS = ROOT / "notebooks"
 
 # Read the open notebook's model: which code cells have run, and which outputs are errors.
 STATE_JS = """
+if (!window.jupyterapp) { return null; }  // the page is still loading
 const panel = window.jupyterapp.shell.currentWidget;
 if (!panel || !panel.content || !panel.content.model || !panel.sessionContext.session) { return null; }
 const cells = [];
@@ -114,8 +115,8 @@ def check_notebook(driver, port: int, token: str, name: str, shots: Path, timeou
     from selenium.webdriver.common.by import By
 
     driver.get(f"http://127.0.0.1:{port}/lab/tree/{name}?token={token}&reset")
-    wait_for(lambda: driver.execute_script(STATE_JS) and driver.execute_script(STATE_JS)["status"] == "idle",
-             120, f"{name}: the kernel did not start")
+    wait_for(lambda: (driver.execute_script(STATE_JS) or {}).get("status") == "idle", 120,
+             f"{name}: the kernel did not start")
     driver.execute_script("window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs'); return true;")
     driver.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells'); return true;")  # not awaited
 
@@ -136,6 +137,8 @@ def check_notebook(driver, port: int, token: str, name: str, shots: Path, timeou
                          for c in state["cells"] for o in c["outputs"])
     if builds_widgets and not driver.find_elements(By.CSS_SELECTOR, ".jupyter-widgets, .widget-inline-hbox, .widget-slider"):
         problems.append("the notebook builds ipywidgets but none rendered in the page")
+    if Path(name).parent != Path("."):  # the solutions: checked, not pictured
+        return problems
     stem = Path(name).stem
     driver.save_screenshot(str(shots / f"{stem}.png"))
     images = driver.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output img")
