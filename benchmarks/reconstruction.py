@@ -3,7 +3,10 @@
 Encodes held-out points with :func:`ddim_edu.solvers.encode` (Eq 14 integrated upwards) and decodes
 them with :func:`ddim_edu.solvers.sample` on the same timesteps, for DDIM (Euler on Eq 14) and two
 higher-order methods, with the exact ε of a Gaussian mixture (so the error is the solvers' alone).
-Reports the per-dimension MSE, as the paper does.
+Euler and Heun are encoded both with their explicit steps upwards (``inversion="explicit"``) and by
+exact inversion (``inversion="exact"``: each upward step solves the decoder's step backwards by
+fixed-point iteration). Reports the per-dimension MSE, as the paper does, and the encode's model
+evaluations (NFE) per S, the cost of exact inversion.
 
     python benchmarks/reconstruction.py      # writes docs/reconstruction.md and docs/reconstruction.png
 """
@@ -22,7 +25,7 @@ import torch  # noqa: E402
 from ddim_edu.mixture import GaussianMixture  # noqa: E402
 from ddim_edu.paper import TABLE2_RECONSTRUCTION_MSE  # noqa: E402
 from ddim_edu.schedules import linear_schedule  # noqa: E402
-from ddim_edu.solvers import METHODS, encode, sample  # noqa: E402
+from ddim_edu.solvers import METHODS, ConvergenceError, encode, sample  # noqa: E402
 
 STEPS = (10, 20, 50, 100, 200, 500, 1000)
 
@@ -38,15 +41,29 @@ def main():
     data = GaussianMixture.ring(K=8, radius=1.0, std=0.05)
     model = data.eps_model(schedule)
     x0 = data.sample(args.n, generator=torch.Generator().manual_seed(0))
-    methods = {"DDIM (euler)": "euler", "heun": "heun", "dpmpp_2m": "dpmpp_2m"}
-    mse = {}
+    methods = {  # label: (method, inversion)
+        "DDIM (euler)": ("euler", "explicit"),
+        "DDIM (euler), exact inversion": ("euler", "exact"),
+        "heun": ("heun", "explicit"),
+        "heun, exact inversion": ("heun", "exact"),
+        "dpmpp_2m": ("dpmpp_2m", "explicit"),
+    }
+    mse, nfe = {}, {}  # None where the exact encode did not converge
     start = time.perf_counter()
-    for label, method in methods.items():
+    for label, (method, inversion) in methods.items():
         for S in STEPS:
             tau = schedule.timesteps(S, args.spacing)
-            x_rec = sample(model, encode(model, x0, schedule, tau, method), schedule, tau, method)
+            stats = {}
+            try:
+                x_T = encode(model, x0, schedule, tau, method, inversion=inversion, stats=stats)
+            except ConvergenceError:
+                mse[label, S] = nfe[label, S] = None
+                continue
+            x_rec = sample(model, x_T, schedule, tau, method)
             mse[label, S] = (x_rec - x0).pow(2).mean().item()
+            nfe[label, S] = stats["nfe"]
     seconds = time.perf_counter() - start
+    cell = lambda value, fmt: "no convergence" if value is None else format(value, fmt)
 
     lines = [
         "# Reconstruction x_0 → x_T → x_0 on toy data (the paper's Table 2)",
@@ -59,15 +76,28 @@ def main():
         "|---" * (len(STEPS) + 1) + "|",
     ]
     for label in methods:
-        lines.append(f"| {label} | " + " | ".join(f"{mse[label, S]:.2e}" for S in STEPS) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell(mse[label, S], ".2e") for S in STEPS) + " |")
     lines.append("| paper, CIFAR-10 (DDIM) | " + " | ".join(f"{TABLE2_RECONSTRUCTION_MSE[S]:g}" for S in STEPS) + " |")
+    lines += [
+        "",
+        "Model evaluations (NFE) of the encode, each a call on the whole batch; decoding costs S (Euler),",
+        "2S - 1 (Heun; its last step, to σ = 0, is an Euler step) or S (dpmpp_2m) in every row.",
+        "",
+        "| encode NFE, S | " + " | ".join(str(S) for S in STEPS) + " |",
+        "|---" * (len(STEPS) + 1) + "|",
+    ]
+    for label in methods:
+        lines.append(f"| {label} | " + " | ".join(cell(nfe[label, S], "d") for S in STEPS) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reconstruction.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for label in methods:
-        ax.loglog(STEPS, [mse[label, S] for S in STEPS], "o-", label=f"{label} (order {METHODS[methods[label]].order})")
+    for k, (label, (method, inversion)) in enumerate(methods.items()):
+        points = [(S, mse[label, S]) for S in STEPS if mse[label, S] is not None and mse[label, S] > 0]
+        style = "s--" if inversion == "exact" else "o-"
+        name = label if inversion == "exact" else f"{label} (order {METHODS[method].order})"
+        ax.loglog([S for S, _ in points], [v for _, v in points], style, c=f"C{k}", label=name)
     ax.loglog(STEPS, [TABLE2_RECONSTRUCTION_MSE[S] for S in STEPS], "k:", label="paper, CIFAR-10 (DDIM)")
     ax.set_xlabel("number of steps S (encode and decode each)")
     ax.set_ylabel("per-dimension MSE of x_0 → x_T → x_0")
