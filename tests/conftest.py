@@ -41,6 +41,34 @@ def no_torch_fidelity(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def tiny_unet_config():
+    """A UNet of 8×8 RGB images small enough to run in milliseconds (two levels, attention at 4×4)."""
+    from ddim_edu.image.unet import UNetConfig
+
+    return UNetConfig(image_size=8, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_resolutions=(4,), norm_groups=8, dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_unet(tmp_path_factory, tiny_unet_config):
+    """A random UNet of ``tiny_unet_config`` saved in the diffusers layout: (its folder, the model)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ddim_edu.image.pretrained import CONFIG_NAME, WEIGHTS_NAMES, diffusers_config, to_diffusers_state_dict
+    from ddim_edu.image.unet import UNet
+
+    torch.manual_seed(0)
+    model = UNet(tiny_unet_config).eval()
+    folder = tmp_path_factory.mktemp("tiny_unet")
+    (folder / CONFIG_NAME).write_text(json.dumps(diffusers_config(tiny_unet_config)))
+    save_file({k: v.contiguous() for k, v in to_diffusers_state_dict(model.state_dict()).items()},
+              str(folder / WEIGHTS_NAMES[0]))
+    return folder, model
+
+
+@pytest.fixture(scope="session")
 def sched():
     """DDPM's linear schedule, T = 1000."""
     from ddim_edu.schedules import linear_schedule

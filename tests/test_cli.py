@@ -16,35 +16,13 @@ from ddim_edu import cli
 from ddim_edu.image import generate
 from ddim_edu.image.training import load_checkpoint_unet
 from ddim_edu.image.data import float_to_pixels
-from ddim_edu.image.pretrained import (
-    CONFIG_NAME,
-    WEIGHTS_NAMES,
-    diffusers_config,
-    to_diffusers_state_dict,
-)
 from ddim_edu.schedules import linear_schedule
 from ddim_edu.solvers import ADAPTIVE, METHODS, SAMPLERS, sample
-from ddim_edu.image.unet import UNet, UNetConfig
+from ddim_edu.image.unet import UNet
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = UNetConfig(image_size=8, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
-                  norm_groups=8, dropout=0.0)
-
 
 # --- sample ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A random tiny UNet saved in the diffusers layout; returns (folder, model)."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = UNet(TINY).eval()
-    folder = tmp_path_factory.mktemp("tiny_unet")
-    (folder / CONFIG_NAME).write_text(json.dumps(diffusers_config(TINY)))
-    save_file({k: v.contiguous() for k, v in to_diffusers_state_dict(model.state_dict()).items()}, str(folder / WEIGHTS_NAMES[0]))
-    return folder, model
 
 
 def run_sample(model_dir, out, *extra, batch=2, n=6, steps=5, seed=0):
@@ -58,8 +36,8 @@ def images_of(out):
         return npz["images"]
 
 
-def test_sample_writes_images_and_grid_and_is_batch_size_independent(tiny_model, tmp_path):
-    folder, _ = tiny_model
+def test_sample_writes_images_and_grid_and_is_batch_size_independent(tiny_unet, tmp_path):
+    folder, _ = tiny_unet
     assert run_sample(folder, tmp_path / "b2", batch=2) == 0
     assert run_sample(folder, tmp_path / "b4", batch=4) == 0  # batches of 4 and 2
     images = images_of(tmp_path / "b2")
@@ -78,8 +56,8 @@ def test_sample_writes_images_and_grid_and_is_batch_size_independent(tiny_model,
     assert not np.array_equal(images_of(tmp_path / "seed1"), images)
 
 
-def test_sample_resumes_from_shards(tiny_model, tmp_path):
-    folder, _ = tiny_model
+def test_sample_resumes_from_shards(tiny_unet, tmp_path):
+    folder, _ = tiny_unet
     out = tmp_path / "run"
     assert run_sample(folder, out) == 0
     reference = images_of(out)
@@ -94,8 +72,8 @@ def test_sample_resumes_from_shards(tiny_model, tmp_path):
         np.testing.assert_array_equal(npz["images"], reference[2:4])
 
 
-def test_sample_interrupted_loses_only_the_batch_in_progress(tiny_model, tmp_path, monkeypatch, capsys):
-    folder, _ = tiny_model
+def test_sample_interrupted_loses_only_the_batch_in_progress(tiny_unet, tmp_path, monkeypatch, capsys):
+    folder, _ = tiny_unet
     assert run_sample(folder, tmp_path / "whole") == 0
     real, calls = generate.sample_batch, []
 
@@ -116,8 +94,8 @@ def test_sample_interrupted_loses_only_the_batch_in_progress(tiny_model, tmp_pat
     np.testing.assert_array_equal(images_of(out), images_of(tmp_path / "whole"))
 
 
-def test_sample_refuses_other_arguments_in_the_same_folder(tiny_model, tmp_path, capsys):
-    folder, _ = tiny_model
+def test_sample_refuses_other_arguments_in_the_same_folder(tiny_unet, tmp_path, capsys):
+    folder, _ = tiny_unet
     out = tmp_path / "run"
     assert run_sample(folder, out, "--method", "sigma_hat") == 0
     assert run_sample(folder, out, "--method", "sigma_hat", seed=1) == 1
@@ -130,8 +108,8 @@ def test_sample_refuses_other_arguments_in_the_same_folder(tiny_model, tmp_path,
     np.testing.assert_array_equal(images_of(out), images_of(tmp_path / "again"))
 
 
-def test_sample_unknown_method_lists_the_valid_ones(tiny_model, tmp_path, capsys):
-    folder, _ = tiny_model
+def test_sample_unknown_method_lists_the_valid_ones(tiny_unet, tmp_path, capsys):
+    folder, _ = tiny_unet
     with pytest.raises(SystemExit) as exit_info:
         run_sample(folder, tmp_path / "x", "--method", "dpm++")
     assert exit_info.value.code == 2
@@ -144,16 +122,16 @@ def test_sample_unknown_method_lists_the_valid_ones(tiny_model, tmp_path, capsys
     assert not (tmp_path / "x").exists()
 
 
-def test_sample_from_a_trainer_checkpoint_uses_the_ema_weights(tiny_model, tmp_path, capsys):
+def test_sample_from_a_trainer_checkpoint_uses_the_ema_weights(tiny_unet, tiny_unet_config, tmp_path, capsys):
     """--checkpoint reads the "ema" state dict (weights_only), or "model" with --weights model; the same weights
     give the same images as a folder or file holding them."""
-    folder, model = tiny_model
-    noise = UNet(TINY).state_dict()  # other weights as the "model" entry: only the EMA must be used
+    folder, model = tiny_unet
+    noise = UNet(tiny_unet_config).state_dict()  # other weights as the "model" entry: only the EMA must be used
     torch.save({"format": "ddim_edu.image_training/1", "step": 1, "model": noise, "ema": model.state_dict(),
                 "ema_n_averaged": torch.tensor(1), "optimizer": {}, "scheduler": {}, "rng": {}, "losses": torch.zeros(1),
                 "config": {}}, tmp_path / "ck.pt")  # the other entries do not matter for sampling
     config = tmp_path / "unet.json"
-    config.write_text(json.dumps(dataclasses.asdict(TINY)))
+    config.write_text(json.dumps(dataclasses.asdict(tiny_unet_config)))
     assert run_sample(folder, tmp_path / "folder", "--method", "dpmpp_2m") == 0
     args = ["sample", "--checkpoint", str(tmp_path / "ck.pt"), "--config", str(config), "--method", "dpmpp_2m", "--steps", "5",
             "--num-images", "6", "--batch-size", "2", "--device", "cpu", "--quiet", "--out", str(tmp_path / "ck")]
@@ -201,14 +179,14 @@ def test_table1_smoke_runs_the_whole_grid(tmp_path):
     assert len(list((tmp_path / "w").glob("*_S*/fid.json"))) == 25
 
 
-def test_table1_fails_clearly_without_weights_or_fid_backend(tiny_model, tmp_path, monkeypatch, capsys, no_torch_fidelity):
+def test_table1_fails_clearly_without_weights_or_fid_backend(tiny_unet, tmp_path, monkeypatch, capsys, no_torch_fidelity):
     bench = load_benchmark()
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--model", str(tmp_path / "no_such_model"), "--work-dir", str(tmp_path / "w")])
     assert exit_info.value.code == 1
     assert "cannot load the pretrained model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench.main(["--model", str(tiny_model[0]), "--work-dir", str(tmp_path / "w")])
+        bench.main(["--model", str(tiny_unet[0]), "--work-dir", str(tmp_path / "w")])
     assert "pip install torch-fidelity" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()  # nothing sampled
 
@@ -231,10 +209,10 @@ def test_table1_checks_its_arguments_before_any_work(tmp_path, capsys, args, mes
     assert not (tmp_path / "w").exists()
 
 
-def test_sample_final_step(tiny_model, tmp_path, capsys):
+def test_sample_final_step(tiny_unet, tmp_path, capsys):
     """--final-step extrapolate: recorded in the manifest, equal to sample(..., final_step="extrapolate"),
     other than Euler's last step; refused for an Eq 12 sampler before anything is written."""
-    folder, model = tiny_model
+    folder, model = tiny_unet
     grid_args = ("--method", "pc_sigma", "--spacing", "linear", "--t-min", "300")  # σ(τ_1) ≈ 1.2: a large last step
     out = tmp_path / "pc"
     assert run_sample(folder, out, *grid_args, "--final-step", "extrapolate", n=2) == 0
@@ -251,8 +229,8 @@ def test_sample_final_step(tiny_model, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_sample_errors_name_the_subcommand_and_unusable_devices(tiny_model, tmp_path, capsys):
-    folder, _ = tiny_model
+def test_sample_errors_name_the_subcommand_and_unusable_devices(tiny_unet, tmp_path, capsys):
+    folder, _ = tiny_unet
     with pytest.raises(SystemExit):
         run_sample(folder, tmp_path / "x", "--method", "heun", "--eta", "0.5")
     assert "python -m ddim_edu sample: error:" in capsys.readouterr().err  # the subcommand's usage, not the top level's
@@ -270,11 +248,11 @@ def test_sample_errors_name_the_subcommand_and_unusable_devices(tiny_model, tmp_
         assert not (tmp_path / device.replace(":", "_")).exists()  # refused before the folder is made
 
 
-def test_sample_failed_before_any_batch_does_not_block_the_corrected_rerun(tiny_model, tmp_path, capsys, monkeypatch):
+def test_sample_failed_before_any_batch_does_not_block_the_corrected_rerun(tiny_unet, tmp_path, capsys, monkeypatch):
     """A run that fails after writing its manifest but before any batch leaves nothing to protect, so the
     corrected command is not refused as 'other arguments'. Arguments that cannot work are refused before
     any file is written."""
-    folder, _ = tiny_model
+    folder, _ = tiny_unet
     out = tmp_path / "run"
     assert run_sample(folder, out, "--method", "euler", "--final-step", "extrapolate", steps=1) == 1
     assert "at least 2 timesteps" in capsys.readouterr().err
@@ -294,10 +272,10 @@ def test_sample_failed_before_any_batch_does_not_block_the_corrected_rerun(tiny_
     assert "steps: stored 2, given 3" in capsys.readouterr().err
 
 
-def test_sample_rerun_after_removing_shards_writes_the_requested_grid(tiny_model, tmp_path):
+def test_sample_rerun_after_removing_shards_writes_the_requested_grid(tiny_unet, tmp_path):
     import matplotlib.image
 
-    folder, _ = tiny_model
+    folder, _ = tiny_unet
     out = tmp_path / "run"
     assert cli.main(["sample", "--model", str(folder), "--steps", "2", "--num-images", "4", "--batch-size", "2",
                      "--grid", "0", "--remove-shards", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
@@ -307,12 +285,12 @@ def test_sample_rerun_after_removing_shards_writes_the_requested_grid(tiny_model
     assert matplotlib.image.imread(out / "grid.png").shape[:2] == (22, 22)  # 4 images of 8×8 in a 2×2 grid
 
 
-def test_sample_sigterm_is_ctrl_c(tiny_model, tmp_path, monkeypatch, capsys):
+def test_sample_sigterm_is_ctrl_c(tiny_unet, tmp_path, monkeypatch, capsys):
     """SIGTERM (a job scheduler stopping the run) ends like Ctrl-C: exit 130 with the resume hint; the handler is restored."""
     import os
     import signal
 
-    folder, _ = tiny_model
+    folder, _ = tiny_unet
     real, calls = generate.sample_batch, []
 
     def terminate_second(*args, **kwargs):
@@ -329,10 +307,10 @@ def test_sample_sigterm_is_ctrl_c(tiny_model, tmp_path, monkeypatch, capsys):
     assert [p.name for p in (tmp_path / "run" / "shards").iterdir()] == ["batch_00000.npz"]
 
 
-def test_sample_adaptive_solver_tolerances(tiny_model, tmp_path, capsys):
+def test_sample_adaptive_solver_tolerances(tiny_unet, tmp_path, capsys):
     """--rtol/--atol reach the adaptive solver (the images equal sample(..., rtol, atol)) and are recorded in the
     manifest; they are refused for other methods and must be positive."""
-    folder, model = tiny_model
+    folder, model = tiny_unet
     out = tmp_path / "dopri"
     assert run_sample(folder, out, "--method", "dopri5", "--rtol", "1e-3", "--atol", "1e-4", n=2) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -353,10 +331,10 @@ def test_sample_adaptive_solver_tolerances(tiny_model, tmp_path, capsys):
     assert "rtol" not in json.loads((tmp_path / "ddim" / "manifest.json").read_text())  # older folders still resume
 
 
-def test_sample_runs_small_models_on_one_thread_unless_told(tiny_model, tmp_path, monkeypatch):
+def test_sample_runs_small_models_on_one_thread_unless_told(tiny_unet, tmp_path, monkeypatch):
     """On a CPU a small model samples on one intra-op thread (on a busy 2-core machine two threads were ~100×
     slower), unless --threads (or OMP_NUM_THREADS) says otherwise; the thread count is restored afterwards."""
-    folder, _ = tiny_model
+    folder, _ = tiny_unet
     seen = []
     real = generate.sample_batch
 

@@ -21,28 +21,19 @@ import torch
 from ddim_edu import cli
 from ddim_edu.image import data, generate, pretrained
 from ddim_edu.image.data import extract_cifar10, load_cifar10
-from ddim_edu.image.pretrained import CONFIG_NAME, WEIGHTS_NAMES, CheckpointError, diffusers_config, load_unet, to_diffusers_state_dict
-from ddim_edu.image.unet import UNet, UNetConfig
+from ddim_edu.image.pretrained import CONFIG_NAME, CheckpointError, diffusers_config, load_unet
+from ddim_edu.image.unet import UNet
 from ddim_edu.utils import files
 from ddim_edu.utils.files import folder_lock, load_weights_only
 
-TINY = UNetConfig(image_size=8, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
-                  norm_groups=8, dropout=0.0)
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # as in this process (conftest)
 RUN = dict(n=16, batch=2, steps=30)  # 8 batches of about 0.15 s each: room for a signal between them
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A random tiny UNet saved in the diffusers layout (the folder)."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = UNet(TINY).eval()
-    folder = tmp_path_factory.mktemp("tiny_unet")
-    (folder / CONFIG_NAME).write_text(json.dumps(diffusers_config(TINY)))
-    save_file({k: v.contiguous() for k, v in to_diffusers_state_dict(model.state_dict()).items()}, str(folder / WEIGHTS_NAMES[0]))
-    return folder
+def tiny_model(tiny_unet):
+    """The folder of conftest's tiny random UNet (diffusers layout)."""
+    return tiny_unet[0]
 
 
 def sample_args(model_dir, out, *extra, n=6, batch=2, steps=5, seed=0):
@@ -409,7 +400,7 @@ def one_line_error(capsys, *args):
     return err
 
 
-def test_bad_models_configs_methods_and_devices_are_one_line_errors(tiny_model, tmp_path, capsys):
+def test_bad_models_configs_methods_and_devices_are_one_line_errors(tiny_unet_config, tiny_model, tmp_path, capsys):
     readme = tmp_path / "readme.txt"
     readme.write_text("hello, this is not a model\n")
     out = str(tmp_path / "out")
@@ -421,12 +412,12 @@ def test_bad_models_configs_methods_and_devices_are_one_line_errors(tiny_model, 
     assert "block_out_channels=[0, 0] (positive integers" in err
     folder = tmp_path / "zeros_folder"
     folder.mkdir()
-    (folder / CONFIG_NAME).write_text(json.dumps({**diffusers_config(TINY), "block_out_channels": [0, 0]}))
+    (folder / CONFIG_NAME).write_text(json.dumps({**diffusers_config(tiny_unet_config), "block_out_channels": [0, 0]}))
     with pytest.raises(CheckpointError, match=r"block_out_channels=\[0, 0\]"):
         load_unet(folder)
     for channels in ([], "64", [32, 48], [32, True]):
         with pytest.raises(CheckpointError, match="block_out_channels"):
-            pretrained.config_from_diffusers({**diffusers_config(TINY), "block_out_channels": channels})
+            pretrained.config_from_diffusers({**diffusers_config(tiny_unet_config), "block_out_channels": channels})
     err = one_line_error(capsys, *sample_args(tiny_model, out, "--method", "dopri5", steps=1))
     assert "method 'dopri5' with final_step='euler' needs at least 2 timesteps, got 1" in err
     err = one_line_error(capsys, *sample_args(tiny_model, out, "--device", "meta"))
@@ -459,10 +450,10 @@ def test_a_pickle_that_would_run_a_command_is_refused_by_name(tmp_path, capsys):
     assert not marker.exists()
 
 
-def test_an_unreadable_weights_file_says_so_and_why(tmp_path, monkeypatch, capsys):
+def test_an_unreadable_weights_file_says_so_and_why(tiny_unet_config, tmp_path, monkeypatch, capsys):
     """Root reads a 0600 file of another owner, so the refusal is injected where the file is opened."""
     path = tmp_path / "model.pt"
-    torch.save(UNet(TINY).state_dict(), path)
+    torch.save(UNet(tiny_unet_config).state_dict(), path)
 
     def denied(file, *args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
@@ -477,7 +468,7 @@ def test_an_unreadable_weights_file_says_so_and_why(tmp_path, monkeypatch, capsy
     safetensors = tmp_path / "model.safetensors"
     from safetensors.torch import save_file
 
-    save_file(UNet(TINY).state_dict(), str(safetensors))
+    save_file(UNet(tiny_unet_config).state_dict(), str(safetensors))
     monkeypatch.setattr(pretrained, "open", denied, raising=False)
     with pytest.raises(CheckpointError, match=r"model\.safetensors cannot be read: Permission denied \(PermissionError\)"):
         pretrained.read_state_dict(safetensors)
