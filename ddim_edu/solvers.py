@@ -70,7 +70,6 @@ __all__ = [
     "fixed_point",
     "heun_step",
     "integrate",
-    "is_one_step",
     "lambda_midpoint",
     "method_listing",
     "no_stages",
@@ -359,7 +358,9 @@ class Method:
     ``stages(s, s_next, first)``: the noise levels of a step's evaluations besides its start
     (``first``: the solve's first step). ``reuses_last``: the start of each step after the first
     reuses the evaluation the previous step made last (the predictor–corrector methods).
-    ``min_timesteps``: the fewest timesteps τ the method takes.
+    ``min_timesteps``: the fewest timesteps τ the method takes. ``multistep``: a step reads evaluations
+    made at earlier (higher) levels besides its own start, so it cannot be run, or inverted, alone
+    (every method that ``reuses_last`` is multistep).
     """
 
     step: Callable
@@ -367,6 +368,7 @@ class Method:
     stages: Callable[[float, float, bool], tuple[float, ...]] = no_stages
     reuses_last: bool = False
     min_timesteps: int = 1
+    multistep: bool = False
 
     def levels(self, sigmas: Sequence[float]) -> list[float]:
         """The noise level of every model evaluation, in order, of a solve along the grid ``sigmas``."""
@@ -402,10 +404,10 @@ METHODS = {
     "rk4": Method(rk4_step, 4, rk4_stages),
     "dpm_solver_2": Method(dpm_solver_2_step, 2, lambda_midpoint),
     "dpm_solver_3": Method(dpm_solver_3_step, 3, dpm_solver_3_stages),
-    "dpmpp_2m": Method(dpmpp_2m_step, 2),
-    "dpmpp_3m": Method(dpmpp_3m_step, 3, dpmpp_3m_stages),
-    "unipc": Method(unipc_step, 3, end_stage, reuses_last=True),
-    "pc_sigma": Method(pc_sigma_step, 3, end_stage, reuses_last=True),
+    "dpmpp_2m": Method(dpmpp_2m_step, 2, multistep=True),
+    "dpmpp_3m": Method(dpmpp_3m_step, 3, dpmpp_3m_stages, multistep=True),
+    "unipc": Method(unipc_step, 3, end_stage, reuses_last=True, multistep=True),
+    "pc_sigma": Method(pc_sigma_step, 3, end_stage, reuses_last=True, multistep=True),
 }
 
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's adaptive solvers
@@ -750,37 +752,13 @@ def fixed_point(g: Callable[[Tensor], Tensor], x: Tensor, *, tol: float, max_ite
 INVERSIONS = ("explicit", "exact")  # how encode takes its steps above the first (see encode)
 
 
-def is_one_step(method: str) -> bool:
-    """Whether ``METHODS[method]``'s step from σ to σ' depends on x̄ at σ alone (no evaluation from an earlier level).
-
-    Determined from the step function itself: a method that reuses the previous step's last evaluation
-    (``Method.reuses_last``) is multistep; otherwise one step from σ = 2 to σ' = 1 on a fixed smooth field
-    is taken twice, once with the history holding only the evaluation at σ and once with two earlier
-    evaluations (at σ = 4 and 3) made of NaN in front of it. A step that reads them returns NaN.
-    """
-    m = METHODS[method]
-    if m.reuses_last:
-        return False
-    x = torch.tensor([[0.3, -1.2]], dtype=torch.float64)
-
-    def field(y, s):  # any smooth, finite field
-        return torch.sin(y) * s + 0.1 * y
-
-    def step(earlier):
-        out = m.step(x, 2.0, 1.0, [*earlier, Evaluation(2.0, x, field(x, 2.0))])
-        return answer(out, field) if isinstance(out, GeneratorType) else out
-
-    nan = torch.full_like(x, math.nan)
-    return bool(torch.equal(step([]), step([Evaluation(4.0, nan, nan), Evaluation(3.0, nan, nan)])))
-
-
 def check_inversion(method: str, inversion: str) -> None:
     """Refuse an unknown ``inversion``, and ``inversion="exact"`` with a multistep method (see :func:`encode`)."""
     if inversion not in INVERSIONS:
         raise ValueError(f"inversion must be one of {INVERSIONS} ('explicit': the method's steps upwards; 'exact': "
                          f"each step solved so that sample's step maps it back), got {inversion!r}")
-    if inversion == "exact" and not is_one_step(method):
-        supported = [name for name in METHODS if is_one_step(name)]
+    if inversion == "exact" and METHODS[method].multistep:
+        supported = [name for name, m in METHODS.items() if not m.multistep]
         raise ValueError(f"inversion='exact' supports the one-step methods {supported}, not {method!r}: {method!r} "
                          "is a multistep method, whose decoding step from σ_{i+1} to σ_i reads the evaluations at "
                          "the levels above σ_{i+1}, which the upward pass has not reached when it solves for x̄_{i+1}")
@@ -813,7 +791,7 @@ def encode(model: Model, x0: Tensor, schedule: Schedule, timesteps, method: str 
       explicit Euler step (ε at x̄_i known from the step below: no evaluation), to ``tol``, raising
       :class:`ConvergenceError` naming the step after ``max_iterations`` evaluations of Φ. Then
       ``sample(model, encode(...), schedule, timesteps, method)`` returns x_0 up to ``tol`` (and the
-      conditioning of the steps), whatever S. Only one-step methods (:func:`is_one_step`: euler, heun,
+      conditioning of the steps), whatever S. Only one-step methods (not ``Method.multistep``: euler, heun,
       rk4, dpm_solver_2, dpm_solver_3) can be inverted so: a multistep method's decoding step reads
       evaluations at the levels above σ_{i+1}, not yet reached by the upward pass; they raise ValueError.
 

@@ -494,9 +494,7 @@ def test_exact_encode_counts_its_evaluations(sched, ring, recorder, spacing, bou
 def test_exact_encode_inverts_every_final_step_and_one_step_method(sched, ring):
     """Every one-step method's last step (σ_1 → 0) is the Euler step that encode's first step inverts: with one
     timestep decode(encode(x_0)) = x_0 for each; and over S = 6 each is inverted exactly by its own sampler."""
-    from ddim_edu.solvers import is_one_step
-
-    one_step = [name for name in METHODS if is_one_step(name)]
+    one_step = [name for name, m in METHODS.items() if not m.multistep]
     assert one_step == ["euler", "heun", "rk4", "dpm_solver_2", "dpm_solver_3"]
     model = ring.eps_model(sched)
     x0 = ring.sample(64, generator=torch.Generator().manual_seed(2))
@@ -538,3 +536,28 @@ def test_steps_for_is_the_most_timesteps_within_the_budget(name):
         assert m.nfe(S) <= budget < m.nfe(S + 1), (name, budget, S)
     with pytest.raises(ValueError, match="budget 1 is below"):
         m.steps_for(1, minimum=2)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_multistep_is_declared_as_the_step_reads_its_history(name):
+    """``Method.multistep`` says what a step does: one step from σ = 2 to 1 on a smooth field, taken once with
+    only its own evaluation and once with two earlier evaluations made of NaN in front, gives the same result
+    exactly when the method is not multistep; every method that reuses its last evaluation is multistep."""
+    from types import GeneratorType
+
+    from ddim_edu.solvers import Evaluation, answer
+
+    m = METHODS[name]
+    x = torch.tensor([[0.3, -1.2]], dtype=torch.float64)
+
+    def field(y, s):
+        return torch.sin(y) * s + 0.1 * y
+
+    def step(earlier):
+        out = m.step(x, 2.0, 1.0, [*earlier, Evaluation(2.0, x, field(x, 2.0))])
+        return answer(out, field) if isinstance(out, GeneratorType) else out
+
+    nan = torch.full_like(x, math.nan)
+    reads_history = not torch.equal(step([]), step([Evaluation(4.0, nan, nan), Evaluation(3.0, nan, nan)]))
+    assert m.multistep == (reads_history or m.reuses_last)
+    assert m.multistep or not m.reuses_last
