@@ -29,6 +29,15 @@ from ddim_edu.solvers import METHODS, ConvergenceError, encode, sample  # noqa: 
 
 STEPS = (10, 20, 50, 100, 200, 500, 1000)
 
+
+def table(corner: str, labels, values: dict, fmt: str) -> list[str]:
+    """Markdown rows: a header of the S columns, then one row per label of values[label, S] ("no convergence": None)."""
+    rows = ["| " + corner + " | " + " | ".join(str(S) for S in STEPS) + " |", "|---" * (len(STEPS) + 1) + "|"]
+    for label in labels:
+        rows.append(f"| {label} | " + " | ".join("no convergence" if values[label, S] is None else format(values[label, S], fmt)
+                                                 for S in STEPS) + " |")
+    return rows
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000)
@@ -63,7 +72,6 @@ def main():
             mse[label, S] = (x_rec - x0).pow(2).mean().item()
             nfe[label, S] = stats["nfe"]
     seconds = time.perf_counter() - start
-    cell = lambda value, fmt: "no convergence" if value is None else format(value, fmt)
 
     lines = [
         "# Reconstruction x_0 → x_T → x_0 on toy data (the paper's Table 2)",
@@ -72,22 +80,16 @@ def main():
         f"float64; per-dimension MSE. Written by `benchmarks/reconstruction.py` ({seconds:.0f} s).",
         "The paper's row is CIFAR-10 (images in [0, 1], a trained network): its trend, not its values, is comparable.",
         "",
-        "| S | " + " | ".join(str(S) for S in STEPS) + " |",
-        "|---" * (len(STEPS) + 1) + "|",
+        *table("S", methods, mse, ".2e"),
     ]
-    for label in methods:
-        lines.append(f"| {label} | " + " | ".join(cell(mse[label, S], ".2e") for S in STEPS) + " |")
     lines.append("| paper, CIFAR-10 (DDIM) | " + " | ".join(f"{TABLE2_RECONSTRUCTION_MSE[S]:g}" for S in STEPS) + " |")
     lines += [
         "",
         "Model evaluations (NFE) of the encode, each a call on the whole batch; decoding costs S (Euler),",
         "2S - 1 (Heun; its last step, to σ = 0, is an Euler step) or S (dpmpp_2m) in every row.",
         "",
-        "| encode NFE, S | " + " | ".join(str(S) for S in STEPS) + " |",
-        "|---" * (len(STEPS) + 1) + "|",
+        *table("encode NFE, S", methods, nfe, "d"),
     ]
-    for label in methods:
-        lines.append(f"| {label} | " + " | ".join(cell(nfe[label, S], "d") for S in STEPS) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reconstruction.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
