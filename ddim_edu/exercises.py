@@ -72,6 +72,13 @@ def _alphas(n: int, seed: int) -> tuple[Tensor, Tensor]:
     return schedule.alphas_cumprod[t], schedule.alphas_cumprod[t - 1]
 
 
+def _ring_field(ring: GaussianMixture) -> Callable:
+    """Eq 14's exact field of a mixture as ``eps(x_bar, s)`` (:meth:`GaussianMixture.probability_flow`, whose
+    arguments come the other way round, as torchdiffeq's)."""
+    flow = ring.probability_flow()
+    return lambda x_bar, s: flow(torch.as_tensor(s, dtype=torch.float64), x_bar)
+
+
 def _compare(exercise: str, answer_of: Callable[[], object], expected: Tensor, hint: str,
              mistakes: dict[str, Tensor] | None = None) -> Verdict:
     """Run the student's function and compare its result with ``expected`` (relative max difference)."""
@@ -232,12 +239,7 @@ def check_heun_sigma(fn: Callable) -> Verdict:
     Compared with the library's ``heun`` (``METHODS["heun"]``) on the exact field of the 8-Gaussian ring,
     from s = 2 to s_next = 1.2 (s_next > 0: the last step into σ = 0 is Euler's in both).
     """
-    ring = GaussianMixture.ring()
-
-    def eps(x_bar, s):
-        s = torch.as_tensor(s, dtype=torch.float64)
-        alpha = 1 / (1 + s**2)  # α = 1/(1 + σ²)
-        return ring.eps(x_bar * alpha.sqrt(), alpha)
+    eps = _ring_field(GaussianMixture.ring())
 
     x_bar = torch.randn(16, 2, generator=_generator(7), dtype=torch.float64) * math.sqrt(1 + 2.0**2)
     expected = integrate(eps, x_bar, [2.0, 1.2], "heun")
@@ -325,12 +327,8 @@ def check_euler_t_step(fn: Callable) -> Verdict:
     from .solvers import euler_t_step
 
     schedule = linear_schedule()
-    ring = GaussianMixture.ring()
     vp = VPSDE(schedule)
-
-    def eps(x_bar, s):
-        alpha = 1 / (1 + float(s) ** 2)  # α = 1/(1 + σ²)
-        return ring.eps(x_bar * math.sqrt(alpha), alpha)
+    eps = _ring_field(GaussianMixture.ring())
 
     def sigma(t):
         return float(schedule.sigma(float(t)))
@@ -491,15 +489,6 @@ def check_step_alphas(fn: Callable) -> Verdict:
 # --- notebook 06: encoding, reconstruction and slerp --------------------------------------------
 
 __all__ += ["check_encode_decode", "check_encode_first_step", "check_slerp"]
-
-
-def _ring_field(ring: GaussianMixture) -> Callable:
-    """Eq 14's exact field of a mixture in the variables of the ODE: ``eps(x_bar, s)`` = ε*(x̄/sqrt(1 + σ²)) at level σ."""
-    def eps(x_bar, s):
-        alpha = 1 / (1 + float(s) ** 2)  # α = 1/(1 + σ²)
-        return ring.eps(x_bar * math.sqrt(alpha), alpha)
-
-    return eps
 
 
 def check_encode_first_step(fn: Callable) -> Verdict:
