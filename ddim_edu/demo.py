@@ -35,7 +35,8 @@ from .toy.nets import MLPEps
 from .training import TrainConfig, train_eps_model
 from .utils.threads import choose_threads, intra_op_threads
 
-__all__ = ["ETAS", "STEPS", "finding", "main", "plot_samples", "plot_table", "sample_grid", "write_tables"]
+__all__ = ["ETAS", "STEPS", "animate_trajectories", "finding", "main", "plot_samples", "plot_table", "sample_grid",
+           "write_tables"]
 
 STEPS = (10, 20, 50, 100, 1000)
 ETAS = (0.0, 0.2, 0.5, 1.0)
@@ -80,6 +81,42 @@ def write_tables(results, steps, rows, out: Path) -> str:
     markdown = "\n".join(blocks)
     (out / "table1_toy.md").write_text(markdown)
     return markdown
+
+
+def animate_trajectories(paths, tau, heldout, path: Path, *, n_trails=4, hold=5, fps=8, dpi=72) -> None:
+    """Write a GIF of 2-D sampling trajectories side by side: ``paths`` maps a label to a trajectory [S+1, B, 2]
+    (``sample(..., return_trajectory=True)`` along ``tau``); frame k shows the states after k steps, with
+    ``n_trails`` paths traced and the held-out data behind, and the last frame is held ``hold`` frames more.
+    Needs matplotlib's Pillow writer."""
+    from matplotlib import animation
+
+    fig, axes = plt.subplots(1, len(paths), figsize=(3.4 * len(paths), 3.9), sharex=True, sharey=True)
+    drawn = []
+    for ax, (label, trajectory) in zip(axes, paths.items()):
+        ax.scatter(heldout[:, 0], heldout[:, 1], s=1, color="0.85", label="held-out data")
+        dots = ax.scatter(trajectory[0, :, 0], trajectory[0, :, 1], s=2, color="C0", label="samples")
+        trails = [ax.plot([], [], lw=1.1, alpha=0.8, color="C3")[0] for _ in range(n_trails)]
+        trails[0].set_label(f"{n_trails} paths")
+        ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", title=label, xlabel="$x_1$")
+        drawn.append((trajectory, dots, trails))
+    axes[0].set_ylabel("$x_2$")
+    axes[0].legend(loc="lower left", fontsize=7, markerscale=4)
+    captions = [f"x_T, fed in at index i = {int(tau[-1])}"] + [
+        f"after step {k} of {len(tau)}: " + (f"at index i = {int(tau[-1 - k])}" if k < len(tau) else "x_0")
+        for k in range(1, len(tau) + 1)]
+    caption = fig.suptitle(captions[0], fontsize=10)
+    fig.tight_layout()
+
+    def draw(k):
+        for trajectory, dots, trails in drawn:
+            dots.set_offsets(trajectory[k].clamp(-3, 3).numpy())
+            for j, line in enumerate(trails):
+                line.set_data(trajectory[: k + 1, j, 0].numpy(), trajectory[: k + 1, j, 1].numpy())
+        caption.set_text(captions[k])
+
+    frames = [*range(len(tau) + 1), *[len(tau)] * hold]   # hold the last frame a little
+    animation.FuncAnimation(fig, draw, frames=frames).save(path, writer=animation.PillowWriter(fps=fps), dpi=dpi)
+    plt.close(fig)
 
 
 def plot_samples(samples, heldout, steps, rows, path: Path, title: str):

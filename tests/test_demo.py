@@ -57,3 +57,31 @@ def test_demo_threads(monkeypatch, tmp_path):
             demo.main(["--threads", "0"])
     finally:
         torch.set_num_threads(previous)
+
+
+def test_animate_trajectories_writes_one_frame_per_state_and_holds_the_last(tmp_path):
+    """S + 1 states of each trajectory give S + 1 frames; the last is held ``hold`` frames more (the GIF writer
+    merges identical frames, so the last frame lasts 1 + hold times as long as the others)."""
+    from PIL import Image
+
+    import torch
+
+    from ddim_edu.mixture import GaussianMixture
+    from ddim_edu.schedules import linear_schedule
+    from ddim_edu.solvers import sample
+
+    schedule, ring = linear_schedule(), GaussianMixture.ring()
+    tau = schedule.timesteps(4, "uniform")
+    x_T = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    paths = {f"η = {eta:g}": sample(ring.eps_model(schedule), x_T, schedule, tau, eta=eta, return_trajectory=True,
+                                    generator=torch.Generator().manual_seed(1)) for eta in (0.0, 1.0)}
+    gif = tmp_path / "paths.gif"
+    demo.animate_trajectories(paths, tau, x_T, gif, hold=3, fps=8)
+    with Image.open(gif) as image:
+        assert image.format == "GIF" and image.n_frames == len(tau) + 1
+        durations = []
+        for k in range(image.n_frames):
+            image.seek(k)
+            durations.append(image.info["duration"])
+    frame_ms = 1000 / 8  # GIF durations are whole centiseconds: within 10 ms
+    assert all(abs(d - frame_ms) <= 10 for d in durations[:-1]) and abs(durations[-1] - 4 * frame_ms) <= 10, durations
