@@ -34,7 +34,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_cli import parse, parser_for  # noqa: E402
 from ddim_edu.image.data import load_digits  # noqa: E402
-from ddim_edu.image.grids import make_grid  # noqa: E402
+from ddim_edu.evaluation.metrics import pixel_rms  # noqa: E402
+from ddim_edu.image.grids import show_rows  # noqa: E402
 from ddim_edu.image.pretrained import load_unet  # noqa: E402
 from ddim_edu.interpolation import slerp  # noqa: E402
 from ddim_edu.paper import TABLE2_RECONSTRUCTION_MSE  # noqa: E402
@@ -67,25 +68,9 @@ def reconstruct(model, schedule, x0, S: int, spacing: str) -> dict:
     return out
 
 
-def pixel_rms(a, b) -> float:
-    """RMS difference in [0, 1] pixels."""
-    return ((a - b) / 2).pow(2).mean().sqrt().item()
-
-
-def show_rows(ax, rows, labels, *, title, xlabel, column_labels=None):
-    """A grid of digits, one labelled row per entry of ``rows`` (each [K, 1, 8, 8] in [-1, 1])."""
-    K = rows[0].shape[0]
-    grid = make_grid(torch.cat([r.clamp(-1, 1) for r in rows]), nrow=K, padding=1)
-    ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=255)
-    h, w = grid.shape[0] / len(rows), grid.shape[1] / K
-    ax.set_yticks([h * (k + 0.5) for k in range(len(rows))], labels)
-    if column_labels is None:
-        ax.set_xticks([])
-    else:
-        ax.set_xticks([w * (k + 0.5) for k in range(K)], column_labels, fontsize=8)
-    ax.set_xlabel(xlabel)
-    width = ax.figure.get_figwidth()
-    ax.set_title("\n".join(textwrap.fill(part, int(width * 13)) for part in title.split("\n")), fontsize=9)
+def wrapped(title: str, fig) -> str:
+    """``title`` with each line wrapped to the figure's width (about 13 characters an inch at font size 9)."""
+    return "\n".join(textwrap.fill(part, int(fig.get_figwidth() * 13)) for part in title.split("\n"))
 
 
 def parse_args(argv=None):
@@ -233,9 +218,9 @@ def main(argv=None) -> Path:
     shown = min(args.shown, args.consistency_n)
     fig, ax = plt.subplots(figsize=(max(7.0, 1.0 + 0.55 * shown), 1.2 + 0.6 * len(args.consistency_steps)))
     show_rows(ax, [decoded[S][:shown] for S in args.consistency_steps], [f"S = {S}" for S in args.consistency_steps],
-              title=(f"Sample consistency: each column is one x_T decoded with DDIM (η = 0) at every S\n"
-                     f"RMS to S = {top}: " + ", ".join(f"{v:.3f} (S = {S})" for S, v in consistency.items())
-                     + f"; different x_T: {spread:.3f}"),
+              title=wrapped(f"Sample consistency: each column is one x_T decoded with DDIM (η = 0) at every S\n"
+                            f"RMS to S = {top}: " + ", ".join(f"{v:.3f} (S = {S})" for S, v in consistency.items())
+                            + f"; different x_T: {spread:.3f}", fig),
               xlabel=f"x_T number (seed {args.seed}); rows: number of steps S", column_labels=[str(i) for i in range(shown)])
     fig.tight_layout()
     fig.savefig(args.out / "digits_consistency.png", dpi=110)
@@ -246,8 +231,8 @@ def main(argv=None) -> Path:
     columns = ["digit A"] + [f"{w:.2f}" for w in weights.tolist()] + ["digit B"]
     fig, ax = plt.subplots(figsize=(max(7.0, 1.2 + 0.6 * len(columns)), 1.6 + 0.75 * len(rows)))
     show_rows(ax, rows, [f"{p} → {q}" for p, q in pairs],
-              title=(f"Slerp between DDIM-encoded held-out digits (S = {args.interpolation_steps}), every point decoded: "
-                     f"the ends reproduce the digits (RMS {ends[0]:.3f}, {ends[1]:.3f})"),
+              title=wrapped(f"Slerp between DDIM-encoded held-out digits (S = {args.interpolation_steps}), every point "
+                            f"decoded: the ends reproduce the digits (RMS {ends[0]:.3f}, {ends[1]:.3f})", fig),
               xlabel="slerp weight w (outer columns: the real digits)", column_labels=columns)
     fig.tight_layout()
     fig.savefig(args.out / "digits_interpolation.png", dpi=110)

@@ -506,3 +506,27 @@ def test_ddp_dropout_masks_differ_across_ranks_and_resume_exactly(tmp_path):
     for k in r0["straight"]:
         assert torch.equal(r0["straight"][k], r1["straight"][k]), k  # replicas identical
         assert torch.equal(r0["resumed"][k], r0["straight"][k]), k  # 2 + 2 steps = 4 steps, bit for bit
+
+
+def test_show_rows_puts_each_batch_in_a_labelled_row():
+    """Two batches of three grey 8×8 images: a 2×3 tiling with one pixel of padding, ticks at the row and column
+    centres with the given labels, drawn in grey; RGB batches keep their colours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ddim_edu.image.grids import show_rows
+
+    rows = [torch.full((3, 1, 8, 8), -1.0), torch.ones(3, 1, 8, 8)]
+    fig, ax = plt.subplots()
+    show_rows(ax, rows, ["dark", "light"], title="t", xlabel="x", column_labels=["a", "b", "c"])
+    image = ax.get_images()[0]
+    assert image.get_array().shape == (2 * 9 + 1, 3 * 9 + 1) and image.get_cmap().name == "gray"
+    assert list(ax.get_yticks()) == [4.5, 13.5] and [t.get_text() for t in ax.get_yticklabels()] == ["dark", "light"]
+    assert list(ax.get_xticks()) == [4.5, 13.5, 22.5] and [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    assert image.get_array()[5, 5] == 0 and image.get_array()[14, 5] == 255  # the rows in their order
+    ax.clear()
+    show_rows(ax, [torch.zeros(2, 3, 8, 8)], ["rgb"])
+    assert ax.get_images()[0].get_array().shape == (10, 19, 3) and list(ax.get_xticks()) == []
+    plt.close(fig)

@@ -192,3 +192,15 @@ def test_bad_inputs_raise():
         mmd_rbf(x, x, bandwidths=[1.0, -1.0])
     with pytest.raises(ValueError, match="at least 2"):
         energy_distance(x[:1], x, unbiased=True)
+
+
+def test_pixel_rms_is_in_units_of_zero_one_pixels():
+    """Images in [-1, 1] differing by 0.2 everywhere differ by 0.1 in [0, 1] pixels; by 0.2 on a quarter of the
+    pixels, by sqrt(0.25) · 0.1."""
+    a = torch.zeros(3, 1, 8, 8)
+    assert metrics.pixel_rms(a + 0.2, a) == pytest.approx(0.1, rel=1e-6)
+    b = a.clone()
+    b[..., :4, :4] = 0.2
+    assert metrics.pixel_rms(b, a) == pytest.approx(0.05, rel=1e-6)
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.pixel_rms(a, a[:2])

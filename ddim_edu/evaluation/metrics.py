@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["energy_distance", "mmd_rbf", "nearest_neighbour_distances", "sliced_wasserstein"]
+__all__ = ["energy_distance", "mmd_rbf", "nearest_neighbour_distances", "pixel_rms", "sliced_wasserstein"]
 
 _CHUNK = 1024  # rows per block of a pairwise matrix: 1024 × 4096 float64 is 32 MB
 
@@ -170,3 +170,10 @@ def nearest_neighbour_distances(x, reference, *, chunk: int = _CHUNK) -> Tensor:
         d2 = ((block * block).sum(1)[:, None] + r_sq[None, :] - 2 * block @ reference.T).clamp_min(0)
         out.append(d2.min(1).values.sqrt())
     return torch.cat(out)
+
+
+def pixel_rms(a: Tensor, b: Tensor) -> float:
+    """The root-mean-square difference of two image batches in [-1, 1], in pixels of [0, 1] (the difference halved)."""
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return ((a - b) / 2).pow(2).mean().sqrt().item()

@@ -5,12 +5,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ..utils.files import atomic_write
 from .data import float_to_pixels
 
-__all__ = ["make_grid", "save_png", "tile"]
+__all__ = ["make_grid", "save_png", "show_rows", "tile"]
 
 
 def tile(pixels: np.ndarray, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -47,3 +48,20 @@ def save_png(grid: np.ndarray, path) -> Path:
     with atomic_write(path) as f:
         matplotlib.image.imsave(f, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255, format="png")
     return path
+
+
+def show_rows(ax, rows, labels, *, title: str = "", xlabel: str = "", column_labels=None, padding: int = 1) -> None:
+    """Draw image batches as labelled rows on a matplotlib Axes ``ax``.
+
+    ``rows``: batches [K, C, H, W] in [-1, 1] (clamped), one row each, labelled ``labels`` on the left;
+    ``column_labels`` (K of them) under the columns, or no ticks there. Grey images (C = 1) in grey.
+    """
+    K, C, H, W = rows[0].shape
+    grid = make_grid(torch.cat([r.clamp(-1, 1) for r in rows]), nrow=K, padding=padding)
+    ax.imshow(grid[..., 0] if C == 1 else grid, cmap="gray" if C == 1 else None, vmin=0, vmax=255)
+    ax.set_yticks([padding + (H + padding) * r + (H - 1) / 2 for r in range(len(rows))], labels)
+    ax.set_xticks([padding + (W + padding) * c + (W - 1) / 2 for c in range(K)] if column_labels else [],
+                  list(column_labels) if column_labels else [], fontsize=8)
+    ax.tick_params(length=0)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
