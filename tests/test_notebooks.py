@@ -3,7 +3,6 @@
 nbval (over notebooks/) checks that the notebooks run and that their checked outputs hold; these tests
 check what nbval cannot see, the committed outputs themselves.
 """
-import ast
 import json
 import re
 from pathlib import Path
@@ -24,15 +23,6 @@ def code_cells(path: Path):
             yield index, "".join(cell["source"]), cell.get("outputs", [])
 
 
-def only_definitions(source: str) -> bool:
-    """Whether a cell only defines functions or classes and imports (a plotting helper, not a figure)."""
-    try:
-        body = ast.parse(source).body
-    except SyntaxError:  # IPython magics: not a definitions-only cell
-        return False
-    return all(isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)) for node in body)
-
-
 def text_of(output) -> str:
     if "text" in output:
         return "".join(output["text"])
@@ -47,11 +37,10 @@ def test_there_are_notebooks():
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.relative_to(NOTEBOOKS)))
 def test_committed_notebook_was_run_in_full_with_every_figure_shown(path):
     cells = list(code_cells(path))
-    not_run = [i for i, source, outputs in cells if source.strip() and not outputs and MAKES_A_FIGURE.search(source)
-               and not only_definitions(source)]
+    not_run = [i for i, source, outputs in cells if source.strip() and not outputs and MAKES_A_FIGURE.search(source)]
     figures_missing = []
     for index, source, outputs in cells:
-        if MAKES_A_FIGURE.search(source) and not only_definitions(source):
+        if MAKES_A_FIGURE.search(source):  # a plotting helper belongs in the cell that draws with it
             if not any("image/png" in o.get("data", {}) for o in outputs):
                 figures_missing.append(index)
     errors = [i for i, _, outputs in cells for o in outputs if o.get("output_type") == "error"]
