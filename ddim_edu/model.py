@@ -226,7 +226,6 @@ class EpsField:
         return t
 
     def __call__(self, x_bar: Tensor, sigma: float) -> Tensor:
-        t = self.timestep(sigma)
         t_in = self._inputs.get(sigma)
         like = (x_bar.shape[0], x_bar.dtype, x_bar.device)
         if t_in is None or like != self._like:  # the first call, a σ off the table, or another batch
@@ -235,8 +234,9 @@ class EpsField:
                 self._inputs = {s: time for s, time in zip(self._t, time_inputs(self._t.values(), x_bar).values())}
             t_in = self._inputs.get(sigma)
             if t_in is None:
-                t_in = self._inputs[sigma] = time_input(t, x_bar)
-        x = x_bar * (1.0 / math.sqrt(1.0 + sigma * sigma))  # x = x̄ sqrt(ᾱ), ᾱ = 1/(1+σ²)
+                t_in = self._inputs[sigma] = time_input(self.timestep(sigma), x_bar)
+        x = torch.mul(x_bar, 1.0 / math.sqrt(1.0 + sigma * sigma))  # x = x̄ sqrt(ᾱ), ᾱ = 1/(1+σ²)
+        t = self._t[sigma]  # in the table by now
         eps = call_model(self.model, x, t_in, t)
         if self.check_finite and not is_finite(eps):
             raise FloatingPointError(f"the model returned NaN or inf at timestep {t:g} (σ = {sigma:.6g}); "

@@ -65,6 +65,7 @@ __all__ = [
     "encode",
     "end_stage",
     "euler_step",
+    "euler_step_",
     "euler_t_step",
     "extrapolated_x0",
     "fixed_point",
@@ -153,6 +154,11 @@ def dpmpp_3m_stages(s: float, s_next: float, first: bool) -> tuple[float, ...]:
 def euler_step(x, s, s_next, history):
     """Euler's method on Eq 14 in σ: ``x̄' = x̄ + (σ' - σ) ε_θ(x̄, σ)``. This is DDIM (Eq 13)."""
     return torch.add(x, history[-1].eps, alpha=s_next - s)
+
+
+def euler_step_(x, s, s_next, history):
+    """:func:`euler_step` written into ``x``, for a solve whose states nobody else holds (no new tensor)."""
+    return x.add_(history[-1].eps, alpha=s_next - s)  # x̄ += (σ' - σ) ε_θ(x̄, σ)
 
 
 def heun_step(x, s, s_next, history):
@@ -360,7 +366,9 @@ class Method:
     reuses the evaluation the previous step made last (the predictor–corrector methods).
     ``min_timesteps``: the fewest timesteps τ the method takes. ``multistep``: a step reads evaluations
     made at earlier (higher) levels besides its own start, so it cannot be run, or inverted, alone
-    (every method that ``reuses_last`` is multistep).
+    (every method that ``reuses_last`` is multistep). ``step_in_place``: the same step writing x̄'
+    into the x̄ it is given, which it may when nothing reads that x̄ afterwards (see :func:`solve`);
+    it saves one new state tensor per step, which on images is most of a step's own cost.
     """
 
     step: Callable
@@ -369,9 +377,12 @@ class Method:
     reuses_last: bool = False
     min_timesteps: int = 1
     multistep: bool = False
+    step_in_place: Callable | None = None
 
     def levels(self, sigmas: Sequence[float]) -> list[float]:
         """The noise level of every model evaluation, in order, of a solve along the grid ``sigmas``."""
+        if self.stages is no_stages and not self.reuses_last:  # one evaluation per step, at its start
+            return list(sigmas[:-1])
         out = []
         for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
             if i == 0 or not self.reuses_last:
@@ -399,7 +410,7 @@ class Method:
 
 
 METHODS = {
-    "euler": Method(euler_step, 1),
+    "euler": Method(euler_step, 1, step_in_place=euler_step_),
     "heun": Method(heun_step, 2, end_stage),
     "rk4": Method(rk4_step, 4, rk4_stages),
     "dpm_solver_2": Method(dpm_solver_2_step, 2, lambda_midpoint),
@@ -486,17 +497,27 @@ def extrapolated_x0(d_1: Tensor, d_2: Tensor, s_1: float, s_2: float) -> Tensor:
 
 
 def solve(method: str, x_bar: Tensor, sigmas: Sequence[float], *, final_step: str = "euler",
-          trajectory: list | None = None, progress: bool = False) -> Generator[tuple[Tensor, float], Tensor, Tensor]:
+          trajectory: list | None = None, progress: bool = False,
+          own_states: bool = False) -> Generator[tuple[Tensor, float], Tensor, Tensor]:
     """One solve of Eq 14 along ``sigmas`` as a request generator: yields (x̄, σ), receives ε_θ(x̄, σ),
     returns x̄ at ``sigmas[-1]`` (see the module docstring). ``trajectory``, if a list, receives x̄
-    after every step. ``final_step="extrapolate"`` replaces the last step's D_1 by :func:`extrapolated_x0`."""
+    after every step. ``final_step="extrapolate"`` replaces the last step's D_1 by :func:`extrapolated_x0`.
+
+    ``own_states=True`` says that the states are the solve's own, ``x_bar`` included: whoever answers
+    the requests keeps no reference to the x̄ it is shown and returns an ε that is not x̄ (as
+    :class:`ddim_edu.model.EpsField`, which hands the model a scaled copy). A method with a
+    ``step_in_place`` then overwrites its state, unless a trajectory or the extrapolated last step
+    reads the states later. Without autograd only: an overwritten state may have been saved for backward.
+    """
     m = METHODS[method]
+    in_place = own_states and m.step_in_place is not None and trajectory is None and final_step == "euler"
+    step = m.step_in_place if in_place else m.step
     history: list[Evaluation] = []
     pairs = list(zip(sigmas[:-1], sigmas[1:]))
     for s, s_next in tqdm(pairs, desc=method, leave=False) if progress else pairs:
         if not (m.reuses_last and history):
             history.append(Evaluation(s, x_bar, (yield x_bar, s)))  # the evaluation at the start of the step
-        out = m.step(x_bar, s, s_next, history)
+        out = step(x_bar, s, s_next, history)
         x_bar = (yield from out) if isinstance(out, GeneratorType) else out
         del history[:-3]  # the steps read at most the last three evaluations
         if trajectory is not None:
@@ -588,7 +609,9 @@ def _sample(model, x_T, schedule, tau, method, eta, generator, *, clip_x0, final
     grid = [*sigmas, 0.0]
     field = EpsField(model, schedule, METHODS[method].levels(grid), known, check_finite=check_finite)
     trajectory = [] if return_trajectory else None
-    x0 = integrate(field, x_bar, grid, method, final_step=final_step, progress=progress, trajectory=trajectory)
+    # x̄ is made here and the field shows the model only a scaled copy: the solve may overwrite its states.
+    x0 = answer(solve(method, x_bar, grid, final_step=final_step, trajectory=trajectory, progress=progress,
+                      own_states=True), field)
     if return_trajectory:  # in the model's coordinates x = x̄ / sqrt(1 + σ²)
         return torch.stack([x_T, *(x / math.sqrt(1 + s**2) for x, s in zip(trajectory, grid[1:]))])
     return x0

@@ -561,3 +561,45 @@ def test_multistep_is_declared_as_the_step_reads_its_history(name):
     reads_history = not torch.equal(step([]), step([Evaluation(4.0, nan, nan), Evaluation(3.0, nan, nan)]))
     assert m.multistep == (reads_history or m.reuses_last)
     assert m.multistep or not m.reuses_last
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.step_in_place is not None))
+def test_step_in_place_is_the_same_step_written_into_its_state(name):
+    """A declared ``step_in_place`` gives the step's result bit for bit, in the tensor it was given."""
+    from ddim_edu.solvers import Evaluation
+
+    m = METHODS[name]
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    history = [Evaluation(2.0, x, torch.sin(x))]
+    expected = m.step(x, 2.0, 1.5, history)
+    y = x.clone()
+    out = m.step_in_place(y, 2.0, 1.5, [Evaluation(2.0, y, torch.sin(x))])
+    assert out is y and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("final_step", ["euler", "extrapolate"])
+def test_sample_overwrites_only_its_own_states(sched, ring, final_step):
+    """``sample`` lets Euler step in place (its states are its own), and that changes nothing a caller sees:
+    x_T is untouched, the result equals the solve that makes a new tensor per step, and a trajectory keeps
+    every state apart."""
+    from ddim_edu.solvers import answer, solve
+
+    model = ring.eps_model(sched)
+    tau = sched.timesteps(20, "quad")
+    x = x_T()
+    before = x.clone()
+    out = sample(model, x, sched, tau, method="euler", final_step=final_step)
+    trajectory = sample(model, x, sched, tau, method="euler", final_step=final_step, return_trajectory=True)
+    assert torch.equal(x, before)
+    sigmas = [*sched.sigma(tau).flip(0).tolist(), 0.0]
+    x_bar = x * math.sqrt(1 + sigmas[0] ** 2)
+    field = EpsField(model, sched, sigmas, dict(zip(sigmas, tau.flip(0).tolist())))
+    fresh = answer(solve("euler", x_bar.clone(), sigmas, final_step=final_step), field)
+    own = answer(solve("euler", x_bar, sigmas, final_step=final_step, own_states=True), field)
+    torch.testing.assert_close(own, fresh, rtol=0, atol=0)
+    torch.testing.assert_close(out, fresh, rtol=0, atol=0)
+    torch.testing.assert_close(trajectory[-1], out, rtol=0, atol=0)
+    steps = (trajectory[1:] - trajectory[:-1]).flatten(1).norm(dim=1)
+    assert (steps > 0).all()  # each state its own: none overwritten by the next
+    if final_step == "euler":
+        assert not torch.equal(x_bar, x * math.sqrt(1 + sigmas[0] ** 2))  # own_states did overwrite x̄
