@@ -197,3 +197,39 @@ def test_bad_arguments(sched):
         linear_schedule(T=1)
     with pytest.raises(ValueError, match="betas"):
         Schedule(torch.tensor([0.1, 1.5]))
+
+
+def test_blend_runs_from_uniform_in_t_to_uniform_in_log_sigma(sched):
+    """``"blend"`` is (1 - w) τ_linear + w τ_logsnr point by point: w = 0 and 1 give the two grids, and
+    every w an increasing grid from t_min to T - 1 lying between them."""
+    for S, t_min in ((2, 0.0), (7, 3.0), (30, 10.0)):
+        linear = sched.timesteps(S, "linear", t_min=t_min)
+        logsnr = sched.timesteps(S, "logsnr", t_min=t_min)
+        torch.testing.assert_close(sched.timesteps(S, "blend", t_min=t_min, weight=0.0), linear, rtol=0, atol=0)
+        torch.testing.assert_close(sched.timesteps(S, "blend", t_min=t_min, weight=1.0), logsnr, rtol=0, atol=1e-12)
+        for w in (0.25, 0.6):
+            tau = sched.timesteps(S, "blend", t_min=t_min, weight=w)
+            assert tau[0] == t_min and tau[-1] == sched.T - 1 and bool((tau.diff() > 0).all())
+            assert bool((tau >= torch.minimum(linear, logsnr) - 1e-9).all() and (tau <= torch.maximum(linear, logsnr) + 1e-9).all())
+    with pytest.raises(ValueError, match=r"weight must be a number in \[0, 1\]"):
+        sched.timesteps(5, "blend", weight=1.5)
+
+
+def test_calibrated_grid_is_the_frozen_blend_between_its_anchors(sched):
+    """At an anchor of ``CALIBRATED_GRID`` the grid is that blend; between two anchors w and log(1 + t_min)
+    are linear in log S (checked at the geometric midpoint); beyond the ends they are held."""
+    from ddim_edu.schedules import CALIBRATED_GRID, calibrated_blend
+
+    for S, w, t_min in CALIBRATED_GRID:
+        torch.testing.assert_close(sched.timesteps(S, "calibrated"), sched.timesteps(S, "blend", t_min=t_min, weight=w),
+                                   rtol=0, atol=1e-9)
+    (S0, w0, t0), (S1, w1, t1) = CALIBRATED_GRID[:2]
+    mid = math.sqrt(S0 * S1)
+    w, t_min = calibrated_blend(mid)
+    assert w == pytest.approx((w0 + w1) / 2) and math.log1p(t_min) == pytest.approx((math.log1p(t0) + math.log1p(t1)) / 2)
+    assert calibrated_blend(2) == pytest.approx(calibrated_blend(S0)) and calibrated_blend(400) == pytest.approx(calibrated_blend(CALIBRATED_GRID[-1][0]))
+    for S in range(2, 60):
+        tau = sched.timesteps(S, "calibrated")
+        assert len(tau) == S and tau[-1] == sched.T - 1 and bool((tau.diff() > 0).all())
+    with pytest.raises(ValueError, match="chooses its own t_min"):
+        sched.timesteps(10, "calibrated", t_min=3.0)

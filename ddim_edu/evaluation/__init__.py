@@ -1,4 +1,4 @@
-"""Evaluation: distances between point clouds, the Fréchet Inception Distance for images, and distances
-between sets of digits in a digits classifier's features."""
+"""Evaluation: distances between point clouds, the Fréchet Inception Distance for images, distances
+between sets of digits in a digits classifier's features, and a family of exact mixtures for judging ODE solvers."""
 
-__all__ = ["digits", "fid", "metrics"]
+__all__ = ["digits", "fid", "metrics", "mixture_family"]

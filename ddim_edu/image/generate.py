@@ -76,7 +76,7 @@ __all__ = [
     "weights_sha256",
 ]
 
-FRACTIONAL_SPACINGS = ("linear", "karras", "logsnr")  # the spacings that take t_min
+FRACTIONAL_SPACINGS = ("linear", "karras", "logsnr", "blend")  # the spacings that take t_min
 MANIFEST_FORMAT = "ddim_edu.cli.sample/1"
 _INFO_KEYS = ("source", "torch", "device")  # recorded in the manifest, not compared on resume
 _RESULT_KEYS = ("samples_sha256",)  # what a finished run adds to its manifest
