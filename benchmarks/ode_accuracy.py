@@ -139,10 +139,11 @@ def extrapolated_last_step(mixture, schedule, states, x0_ref, t1=0, t2=3) -> flo
 # --- ours ----------------------------------------------------------------------------------------
 
 
-def run_ours(model, x_T, schedule, method, grid_name, target):
+def run_ours(model, x_T, schedule, method, grid_name, target, make=None):
+    """One row of ours at the largest S within ``target``, on ``grid(schedule, grid_name, S)`` or ``make(S)``."""
     S = steps_for(method, target)
     counted = CountingModel(model)
-    x0 = sample_row(counted, x_T, schedule, grid(schedule, grid_name, S), method)
+    x0 = sample_row(counted, x_T, schedule, grid(schedule, grid_name, S) if make is None else make(S), method)
     if counted.nfe != expected_nfe(method, S):
         raise RuntimeError(f"{method} on {grid_name}, S={S}: {counted.nfe} model calls, expected {expected_nfe(method, S)}")
     return x0, S, counted.nfe
@@ -204,11 +205,13 @@ def run_peer(sched, model, x_T):
     return x, len(sched.timesteps), counted.nfe
 
 
-def integer_grid(schedule, name: str, target: int) -> list[int]:
-    """The integer-rounded grid (duplicates dropped) with the most timesteps ≤ target, descending."""
+def integer_grid(schedule, name: str, target: int, make=None) -> list[int]:
+    """The integer-rounded grid (duplicates dropped) with the most timesteps ≤ target, descending.
+
+    ``make(S)``, if given, makes the grid of S timesteps instead of ``grid(schedule, name, S)``."""
     best = None
     for S in range(2, min(3 * target, schedule.T) + 1):
-        tau = torch.unique(grid(schedule, name, S).round())
+        tau = torch.unique((grid(schedule, name, S) if make is None else make(S)).round())
         if len(tau) <= target:
             best = tau
     return best.flip(0).long().tolist()

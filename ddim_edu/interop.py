@@ -142,13 +142,15 @@ class DiffusersScheduler:
     ``beta_end``, ``beta_schedule``, ``trained_betas``, ``prediction_type``, ``timestep_spacing``,
     ``steps_offset``, ``clip_sample`` (with ``clip_sample_range``: the Eq 12 samplers' ``clip_x0``).
     Entries that do not change these methods are ignored; ones that would (``thresholding``, …)
-    are refused unless they have their neutral value.
+    are refused unless they have their neutral value. ``timestep_spacing="equalised"`` takes the
+    model's pilot profile as ``profile=`` (:func:`ddim_edu.solvers.pilot_profile`; not a config entry).
     """
 
     order = 1
     init_noise_sigma = 1.0
 
-    def __init__(self, method: str = "pc_sigma", *, eta: float = 0.0, final_step: str = "euler", **config):
+    def __init__(self, method: str = "pc_sigma", *, eta: float = 0.0, final_step: str = "euler",
+                 profile: tuple[Tensor, Tensor] | None = None, **config):
         if method in ADAPTIVE:
             raise ValueError(f"method {method!r} chooses its evaluations while it runs, but a pipeline asks for all of "
                              f"them (scheduler.timesteps) first; use one of {', '.join([*SAMPLERS, *METHODS])}")
@@ -171,6 +173,11 @@ class DiffusersScheduler:
         self.timestep_spacing = config.get("timestep_spacing", "leading")
         if self.timestep_spacing not in ("linspace", *SPACINGS):
             raise ValueError(f"timestep_spacing must be one of {('linspace', *SPACINGS)}, got {self.timestep_spacing!r}")
+        if (profile is None) != (self.timestep_spacing != "equalised"):
+            raise ValueError("timestep_spacing='equalised' takes profile=ddim_edu.solvers.pilot_profile(model, schedule, "
+                             "x_pilot), and profile= is for that spacing only"
+                             f" (got timestep_spacing={self.timestep_spacing!r}, profile {'given' if profile is not None else 'not given'})")
+        self.profile = profile
         self.steps_offset = int(config.get("steps_offset", 0))
         if self.steps_offset and self.timestep_spacing != "leading":
             raise ValueError("steps_offset applies to timestep_spacing='leading' only")
@@ -208,7 +215,7 @@ class DiffusersScheduler:
         T = self.schedule.T
         if self.timestep_spacing == "linspace":  # diffusers': round(linspace(0, T-1, S))
             return torch.tensor(sorted(set(np.linspace(0, T - 1, S).round().astype(np.int64).tolist())), dtype=torch.float64)
-        tau = self.schedule.timesteps(S, self.timestep_spacing)
+        tau = self.schedule.timesteps(S, self.timestep_spacing, **({} if self.profile is None else {"profile": self.profile}))
         return tau + self.steps_offset if self.steps_offset else tau
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:

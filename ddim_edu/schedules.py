@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CALIBRATED_GRID", "SPACINGS", "Schedule", "calibrated_blend", "cosine_schedule", "karras_sigmas",
+__all__ = ["CALIBRATED_GRID", "PROFILE_SPACINGS", "SPACINGS", "Schedule", "calibrated_blend", "cosine_schedule", "karras_sigmas",
            "linear_schedule"]
 
-SPACINGS = ("uniform", "leading", "quad", "trailing", "linear", "karras", "logsnr", "blend", "calibrated")
+SPACINGS = ("uniform", "leading", "quad", "trailing", "linear", "karras", "logsnr", "blend", "calibrated", "equalised")
+PROFILE_SPACINGS = ("equalised",)  # need a model's pilot profile (ddim_edu.solvers.pilot_profile)
 
 # The "calibrated" grid: a "blend" (weight w, t_min) at three anchors S, fitted by
 # benchmarks/calibrate_grid.py on mixtures of the kinds of ddim_edu.evaluation.mixture_family drawn
@@ -152,6 +153,32 @@ class Schedule:
                              f"largest), got {tau.tolist()[:8]}…")
         return tau
 
+    def equalised(self, S: int, profile: tuple[Tensor, Tensor] | None, *, t_min: float) -> Tensor:
+        """The ``"equalised"`` grid of :meth:`timesteps`: S levels at equal increments of ∫ c^{1/3} dλ, t_min to T-1."""
+        if profile is None or len(profile) != 2:
+            raise ValueError("spacing 'equalised' needs profile=(t, c), a model's pilot profile: "
+                             "profile = ddim_edu.solvers.pilot_profile(model, schedule, x_pilot)")
+        t, c = (torch.as_tensor(v, dtype=torch.float64).flatten() for v in profile)
+        if t.shape != c.shape or len(t) < 3 or not bool(torch.isfinite(c).all() and (c >= 0).all()):
+            raise ValueError(f"profile must be (t, c) of one length >= 3 with finite c >= 0, got shapes "
+                             f"{tuple(t.shape)} and {tuple(c.shape)}")
+        order = torch.argsort(t)
+        t, c = t[order], c[order]
+        if not (t[0] <= t_min and t[-1] >= self.T - 1 - 1e-9):
+            raise ValueError(f"the profile covers t in [{t[0]:.4g}, {t[-1]:.4g}]; the grid needs [{t_min:.4g}, {self.T - 1}]")
+        lam = -torch.log(self.sigma(t))  # decreasing in t
+        density = c.pow(1 / 3)  # step length h ∝ c^{-1/3} equalises c h³
+        density = density + 0.05 * density.mean()
+        cumulative = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                torch.cumsum((density[1:] + density[:-1]) / 2 * (lam[:-1] - lam[1:]), 0)])  # ∫ from t[0]
+        lam_ends = -torch.log(self.sigma(torch.tensor([t_min, self.T - 1.0], dtype=torch.float64)))
+        ends = np.interp((-lam_ends).numpy(), (-lam).numpy(), cumulative.numpy())  # ∫ is piecewise linear in λ
+        levels = np.linspace(ends[0], ends[1], S)  # equal increments of ∫ c^{1/3} dλ
+        lam_grid = torch.from_numpy(np.interp(levels, cumulative.numpy(), lam.numpy()))
+        tau = self.t_from_sigma(torch.exp(-lam_grid)).clamp(t_min, self.T - 1)
+        tau[0], tau[-1] = t_min, self.T - 1  # exact ends despite rounding in the inverse
+        return tau
+
     def step_alphas(self, timesteps) -> tuple[Tensor, Tensor]:
         """(ᾱ(τ_i), ᾱ(τ_{i-1})) for i = 1..S, float64, with ᾱ(τ_0) := 1 (the step into x_0)."""
         alpha = self.alpha_bar(self.check_timesteps(timesteps))
@@ -159,7 +186,7 @@ class Schedule:
 
 
     def timesteps(self, S: int, spacing: str = "uniform", *, t_min: float = 0.0, rho: float = 7.0,
-                  weight: float = 0.5) -> Tensor:
+                  weight: float = 0.5, profile: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """An increasing sub-sequence τ of timestep indices (float64 tensor), S entries except where noted.
 
         Integer grids, each computed exactly as the code that defines it:
@@ -193,6 +220,13 @@ class Schedule:
           mixtures and frozen (``CALIBRATED_GRID``; between its anchors w and log(1 + t_min) are
           linear in log S, beyond them held), so no problem it is used on was looked at. It sets
           its own t_min.
+        - ``"equalised"``: the grid that equalises the local error of a second-order method in
+          λ = -log σ (DPM-Solver++(2M)'s variable) along a model's own trajectories, from a pilot
+          ``profile = (t, c)`` of :func:`ddim_edu.solvers.pilot_profile`: c(λ) the RMS size of
+          d²D/dλ², D = x̄ - σ ε the x_0 prediction. A step of length h at λ leaves an error
+          ≈ c(λ) h³/12, so equal errors need steps h ∝ c^{-1/3}: the levels are placed at equal
+          increments of ∫ c^{1/3} dλ (c^{1/3} floored at 5 % of its mean, so that no stretch gets no
+          step), from t_min (the calibrated grid's) to T-1.
         """
         if not isinstance(S, int) or isinstance(S, bool) or S < 1:
             raise ValueError(f"S (number of steps) must be a positive int, got {S!r}")
@@ -209,11 +243,15 @@ class Schedule:
         elif spacing == "trailing":
             seq = np.round(np.arange(T, 0, -T / S))[:S].astype(np.int64) - 1
             tau = torch.tensor(seq[::-1].tolist(), dtype=torch.float64)
-        elif spacing == "calibrated":
+        elif spacing in ("calibrated", "equalised"):
             if t_min != 0.0:
-                raise ValueError(f"spacing 'calibrated' chooses its own t_min; got t_min={t_min!r} (use 'blend' to set it)")
+                raise ValueError(f"spacing {spacing!r} chooses its own t_min; got t_min={t_min!r} (use 'blend' to set it)")
             weight, t_min = calibrated_blend(S)
-            return self.timesteps(S, "blend", t_min=min(t_min, T - 2), weight=weight)
+            if spacing == "calibrated":
+                return self.timesteps(S, "blend", t_min=min(t_min, T - 2), weight=weight)
+            if S < 2:
+                raise ValueError(f"S must be >= 2 for spacing 'equalised' (both ends are on the grid), got {S}")
+            tau = self.equalised(S, profile, t_min=min(t_min, T - 2))
         elif spacing in ("linear", "karras", "logsnr", "blend"):
             if not 0 <= t_min < T - 1:
                 raise ValueError(f"t_min must lie in [0, T-1) = [0, {T - 1}), got {t_min!r}")

@@ -75,6 +75,7 @@ __all__ = [
     "method_listing",
     "no_stages",
     "pc_sigma_step",
+    "pilot_profile",
     "rk4_stages",
     "rk4_step",
     "sample",
@@ -670,6 +671,44 @@ def sample(
                              f"{method!r} overflowed (check eta, clip_x0 and the timesteps)"
                              + ("" if state is not None or method not in ("ddim", "sigma_hat") else
                                 "; or the re-run, without a generator, drew other noise"))
+
+
+# --- a grid from the model's own trajectories ---------------------------------------------------
+
+
+@torch.no_grad()
+def pilot_profile(model: Model, schedule: Schedule, x_pilot: Tensor, *, levels: int = 60) -> tuple[Tensor, Tensor]:
+    """Where Eq 14's solutions bend, measured on a pilot batch: ``(t, c)`` for ``schedule.timesteps(S, "equalised", profile=...)``.
+
+    The pilot ``x_pilot`` [B, …] (a few draws of x_T ~ N(0, I), not the ones to be sampled) is
+    carried from T-1 to t = 0 by DDIM (Euler in σ) on ``levels`` levels uniform in λ = -log σ;
+    at each level the x_0 prediction D = x̄ - σ ε is recorded, and c is the RMS over the batch and
+    the coordinates of the second difference quotient of D in λ (d²D/dλ² to O(h²) on the uniform
+    λ grid; one-sided at the two ends). The pilot costs ``levels`` evaluations of the pilot batch,
+    once per model: the grids for every S are then made from the profile at no further cost.
+    """
+    check_x(x_pilot, "x_pilot")
+    check_model(model, schedule)
+    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 3:
+        raise ValueError(f"levels must be an int >= 3, got {levels!r}")
+    tau = schedule.timesteps(levels, "logsnr")  # uniform in λ from t = 0 to T-1
+    sigmas = schedule.sigma(tau).flip(0).tolist()  # σ(T-1) > … > σ(0)
+    field = EpsField(model, schedule, sigmas, dict(zip(sigmas, tau.flip(0).tolist())))
+    predictions = []
+
+    def recording(x_bar, sigma):
+        eps = field(x_bar, sigma)
+        predictions.append(torch.add(x_bar, eps, alpha=-sigma))  # D = x̄ - σ ε
+        return eps
+
+    x_end = integrate(recording, x_pilot * math.sqrt(1 + sigmas[0] ** 2), sigmas, "euler")
+    recording(x_end, sigmas[-1])  # D at the last level
+    d = torch.stack(predictions).flatten(1).double()  # [levels, B·dims], λ increasing
+    h = math.log(sigmas[0] / sigmas[1])  # the λ step
+    second = (d[2:] - 2 * d[1:-1] + d[:-2]) / h**2  # d²D/dλ² at the interior levels
+    c = second.pow(2).mean(dim=1).sqrt()
+    c = torch.cat([c[:1], c, c[-1:]])  # the ends take their neighbours' values
+    return tau, c.flip(0)  # t increasing
 
 
 # --- Eq 14 written in the timestep t: the same field, another variable ----------------------------

@@ -148,6 +148,24 @@ def test_pipeline_options_and_fractional_grids(unet, ddpm_scheduler, method, spa
                                rtol=0, atol=ATOL)
 
 
+def test_pipeline_on_the_calibrated_and_equalised_grids(unet, ddpm_scheduler):
+    """The grids chosen without the answer serve the adapter too: ``timestep_spacing="calibrated"``, and
+    ``"equalised"`` with the model's pilot profile, give sample()'s result on the same grid."""
+    from ddim_edu.solvers import pilot_profile
+
+    model, schedule = from_diffusers(unet, ddpm_scheduler)
+    profile = pilot_profile(model, schedule, torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(9)), levels=12)
+    for spacing, extra in (("calibrated", {}), ("equalised", {"profile": profile})):
+        scheduler = DiffusersScheduler(method="dpmpp_2m", timestep_spacing=spacing, **extra)
+        images = pipeline_images(unet, scheduler, 4, seed=5)
+        tau = schedule.timesteps(4, spacing, **extra)
+        torch.testing.assert_close(images, our_images(model, schedule, tau, "dpmpp_2m", seed=5), rtol=0, atol=ATOL)
+    with pytest.raises(ValueError, match="takes profile="):
+        DiffusersScheduler(timestep_spacing="equalised")
+    with pytest.raises(ValueError, match="for that spacing only"):
+        DiffusersScheduler(timestep_spacing="logsnr", profile=profile)
+
+
 def test_scheduler_from_a_diffusers_config_and_its_refusals(unet, ddpm_scheduler):
     config = dict(ddpm_scheduler.config)
     scheduler = DiffusersScheduler.from_config(config, method="dpmpp_3m")
