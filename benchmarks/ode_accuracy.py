@@ -7,7 +7,8 @@ rtol = atol = 1e-10 in float64 from σ(999) to σ = 0, using the mixture's ε as
 (defined down to σ = 0, unlike the model contract). Metric: the RMSE of x_0 to the reference.
 
 Every method of ``METHODS`` and ``"ddim"`` runs on every grid at the largest S whose NFE is at
-most each target; each ODE method runs again with ``final_step="extrapolate"`` (the row ``<method>+x0``). diffusers' DDIM, DPM-Solver++ and UniPC schedulers run in their stock
+most each target; each ODE method runs again with ``final_step="extrapolate"`` (the row ``<method>+x0``)
+and ``final_step="gaussian"`` (the row ``<method>+gauss``). diffusers' DDIM, DPM-Solver++ and UniPC schedulers run in their stock
 configurations and, "given free choice of grid", on integer-rounded versions of the same grids.
 
     python benchmarks/ode_accuracy.py   # writes docs/ode_accuracy.{md,png}, benchmarks/results/ode_accuracy.csv
@@ -36,7 +37,8 @@ FRACTIONAL = ("linear", "karras", "logsnr")
 GRIDS = ("leading", "trailing", *(f"{s}@{t}" for s in FRACTIONAL for t in T_MINS))
 RTOL = ATOL = 1e-10  # the reference's tolerances
 EXTRAPOLATED = "+x0"  # suffix of a row whose last step is final_step="extrapolate"
-OURS = ("ddim", *METHODS, *(m + EXTRAPOLATED for m in METHODS))
+GAUSSIAN = "+gauss"  # suffix of a row whose last step is final_step="gaussian"
+OURS = ("ddim", *METHODS, *(m + suffix for suffix in (EXTRAPOLATED, GAUSSIAN) for m in METHODS))
 
 
 def problems() -> dict[str, tuple[str, GaussianMixture]]:
@@ -60,8 +62,9 @@ def grid(schedule, name: str, S: int):
 
 def split(name: str) -> tuple[str, str]:
     """A row of ours, ``"unipc+x0"`` say, as (method, final_step)."""
-    if name.endswith(EXTRAPOLATED):
-        return name[: -len(EXTRAPOLATED)], "extrapolate"
+    for suffix, final_step in ((EXTRAPOLATED, "extrapolate"), (GAUSSIAN, "gaussian")):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], final_step
     return name, "euler"
 
 
@@ -341,14 +344,16 @@ def notes(rows, infos, peers_available):
         "the reference's (a checked property, not computed here), and at NFE ≤ 10 these few points carry most "
         "of the RMSE.")
     lines.append(
-        "- The last step, from σ(τ_1) to 0, is Euler for our rows without `+x0` and for the diffusers peers "
+        "- The last step, from σ(τ_1) to 0, is Euler for our rows without `+x0` or `+gauss` and for the diffusers peers "
         "(`final_sigmas_type=\"zero\"` takes a first-order step), so the floors above bound all of them "
         "(up to cancellation with earlier errors, which is why a few cells sit slightly below the floor). The "
         "`+x0` rows end with `final_step=\"extrapolate\"`: Eq 14's field is odd in σ, so the x_0 prediction "
         "D = x̄ - σε is even in σ, D = x_0 + cσ² + O(σ⁴), and the line through the last two (σ², D) removes c "
         "at no extra evaluation. From exact states at t = 3 and t = 0 it leaves "
         + ", ".join(f"{infos[k]['extrapolated']:.1e} (Problem {k}, Euler floor {infos[k]['floors'][0]:.1e})" for k in infos)
-        + ".")
+        + ". The `+gauss` rows end with `final_step=\"gaussian\"` (`solvers.gaussian_x0`): the last two evaluations "
+        "fix, coordinate by coordinate, the one Gaussian N(μ, s²) that has both (D - s²ε/σ = μ at each), and x_0 "
+        "follows its exact path from x̄ at σ(τ_1); where no Gaussian fits, the Euler step.")
     if not peers_available:
         return lines + [""]
     for key in infos:
@@ -450,7 +455,7 @@ def markdown(rows, infos, peers_available, kdiff_note, seconds, n_points):
             "",
             f"Reference: {info['ref_nfe']} field evaluations; it differs from a 1e-8 solve by {info['ref_vs_1e-8']:.1e} "
             "RMSE. Floor from the last step alone (exact to σ(t_min), then the Euler step to σ = 0 that every method "
-            "without `+x0` takes): " + ", ".join(f"t_min = {t}: {v:.2e}" for t, v in info["floors"].items()) + ".",
+            "without `+x0` or `+gauss` takes): " + ", ".join(f"t_min = {t}: {v:.2e}" for t, v in info["floors"].items()) + ".",
             "",
             "Best grid per row:",
             "",

@@ -147,8 +147,8 @@ def member_lines(rows, peers_available, infos) -> list[str]:
 
 def grid_lines(rows) -> list[str]:
     """Each method on the grids chosen without the answer, against its best fixed grid chosen per member with it."""
-    methods = [m for m in ("ddim", "euler", "dpmpp_2m", "dpmpp_3m", "unipc", "pc_sigma", "unipc+x0", "pc_sigma+x0")
-               if m in OURS]
+    methods = [m for m in ("ddim", "euler", "dpmpp_2m", "dpmpp_3m", "unipc", "pc_sigma", "unipc+x0", "pc_sigma+x0",
+                           "dpmpp_2m+gauss", "unipc+gauss") if m in OURS]
     principled = ("calibrated", "equalised")
     fixed = tuple(g for g in GRIDS if g not in principled)
     lines = ["| method | grid | " + " | ".join(f"NFE ≤ {t}" for t in FAMILY_TARGETS) + " |",

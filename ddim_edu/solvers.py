@@ -6,7 +6,8 @@ any η, ``"sigma_hat"``) walk the discrete τ. The ODE methods integrate Eq 14,
 σ(τ_S) > … > σ(τ_1) > 0; ``timesteps`` may then be fractional. Every method starts at τ_S,
 where ``x_T`` is fed in, and returns x_0: the last step goes from σ(τ_1) to σ = 0 (ᾱ = 1), where
 the model cannot be evaluated, so every method takes it as an Euler step (= DDIM's last step), or,
-with ``final_step="extrapolate"``, extrapolates the last two x_0 predictions to σ = 0 in σ².
+with ``final_step="extrapolate"``, extrapolates the last two x_0 predictions to σ = 0 in σ², or,
+with ``final_step="gaussian"``, follows the exact path of the Gaussian the last two evaluations fit.
 
 **The step protocol.** ``METHODS`` maps each ODE method's name to a :class:`Method`: its step
 function, its order, and where it evaluates the model. A step ``step(x, s, s_next, history)``
@@ -69,6 +70,7 @@ __all__ = [
     "euler_t_step",
     "extrapolated_x0",
     "fixed_point",
+    "gaussian_x0",
     "heun_step",
     "integrate",
     "lambda_midpoint",
@@ -432,7 +434,7 @@ METHOD_GROUPS = {  # the names by family (METHODS as it stands: a method registe
 }
 
 # How the last step, σ(τ_1) → 0, is taken, and the fewest timesteps each needs.
-FINAL_STEPS = {"euler": 1, "extrapolate": 2}
+FINAL_STEPS = {"euler": 1, "extrapolate": 2, "gaussian": 2}
 
 
 def check_model(model, schedule) -> None:
@@ -497,17 +499,42 @@ def extrapolated_x0(d_1: Tensor, d_2: Tensor, s_1: float, s_2: float) -> Tensor:
     return d_1 + s_1**2 * (d_1 - d_2) / (s_2**2 - s_1**2)
 
 
+def gaussian_x0(last: Evaluation, previous: Evaluation) -> Tensor:
+    """x_0 from the last two evaluations (at σ_1 < σ_2), exact when the data are locally one Gaussian N(μ, diag(s²)).
+
+    For such data, coordinate by coordinate with a = s², the x_0 prediction is D = μ + (x̄ - μ) a/(a + σ²)
+    and ε = (x̄ - D)/σ = (x̄ - μ) σ/(a + σ²), so D - a ε/σ = μ at every (x̄, σ). Two evaluations give two
+    such equations in the two unknowns, linear in a:
+
+        a = (D_1 - D_2) / (ε_1/σ_1 - ε_2/σ_2),   μ = D_1 - a ε_1/σ_1,
+
+    and along Eq 14's exact path x̄(σ) - μ ∝ sqrt(a + σ²), so x_0 = μ + (x̄_1 - μ) sqrt(a/(a + σ_1²)).
+    With x̄_1 the state the last evaluation was made at, no further evaluation is needed. Where the
+    fit is not a Gaussian (a ≤ 0 or not finite: the sample still moves between modes, or ε does not
+    change), a = 0 is taken, and the step is the Euler (= DDIM) step, x_0 = D_1. For mixtures whose
+    modes are narrower than σ_1 the Euler step leaves an error of the order of the mode's width (x_0
+    lies within s of μ, D_1 almost at μ); this step removes it once the sample has settled on a mode.
+    """
+    s_1, s_2 = last.sigma, previous.sigma
+    slope = last.eps / s_1 - previous.eps / s_2  # ε/σ = (x̄ - μ)/(a + σ²)
+    a = (last.denoised - previous.denoised) / slope  # s² per coordinate
+    a = torch.where(torch.isfinite(a) & (a > 0), a, torch.zeros_like(a))  # no Gaussian fit: the Euler step
+    mu = last.denoised - a * last.eps / s_1
+    return mu + (last.x - mu) * torch.sqrt(a / (a + s_1**2))  # the exact path from x̄_1 down to σ = 0
+
+
 def solve(method: str, x_bar: Tensor, sigmas: Sequence[float], *, final_step: str = "euler",
           trajectory: list | None = None, progress: bool = False,
           own_states: bool = False) -> Generator[tuple[Tensor, float], Tensor, Tensor]:
     """One solve of Eq 14 along ``sigmas`` as a request generator: yields (x̄, σ), receives ε_θ(x̄, σ),
     returns x̄ at ``sigmas[-1]`` (see the module docstring). ``trajectory``, if a list, receives x̄
-    after every step. ``final_step="extrapolate"`` replaces the last step's D_1 by :func:`extrapolated_x0`.
+    after every step. ``final_step="extrapolate"`` replaces the last step's D_1 by :func:`extrapolated_x0`,
+    ``"gaussian"`` by :func:`gaussian_x0`.
 
     ``own_states=True`` says that the states are the solve's own, ``x_bar`` included: whoever answers
     the requests keeps no reference to the x̄ it is shown and returns an ε that is not x̄ (as
     :class:`ddim_edu.model.EpsField`, which hands the model a scaled copy). A method with a
-    ``step_in_place`` then overwrites its state, unless a trajectory or the extrapolated last step
+    ``step_in_place`` then overwrites its state, unless a trajectory or a last step from two levels
     reads the states later. Without autograd only: an overwritten state may have been saved for backward.
     """
     m = METHODS[method]
@@ -523,8 +550,10 @@ def solve(method: str, x_bar: Tensor, sigmas: Sequence[float], *, final_step: st
         del history[:-3]  # the steps read at most the last three evaluations
         if trajectory is not None:
             trajectory.append(x_bar)
-    if final_step == "extrapolate":  # every method's last step returned D_1, the x_0 prediction at σ_1
-        x_bar = extrapolated_x0(history[-1].denoised, history[-2].denoised, history[-1].sigma, history[-2].sigma)
+    if final_step != "euler":  # every method's last step returned D_1, the x_0 prediction at σ_1
+        last, previous = history[-1], history[-2]
+        x_bar = (extrapolated_x0(last.denoised, previous.denoised, last.sigma, previous.sigma)
+                 if final_step == "extrapolate" else gaussian_x0(last, previous))
         if trajectory is not None:
             trajectory[-1] = x_bar
     return x_bar
@@ -551,7 +580,7 @@ def integrate(eps: Field, x_bar: Tensor, sigmas, method: str = "euler", *, final
     σ > 0 a method asks for, never at a final 0. Autograd stays on (to differentiate through a
     solve); :func:`sample` and :func:`encode` turn it off. A descent that ends at σ = 0 ends with
     the Euler step (``final_step="euler"``), or with :func:`extrapolated_x0` from the last two
-    levels (``"extrapolate"``, needs N ≥ 3).
+    levels (``"extrapolate"``, needs N ≥ 3), or with :func:`gaussian_x0` from them (``"gaussian"``, N ≥ 3).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -562,8 +591,8 @@ def integrate(eps: Field, x_bar: Tensor, sigmas, method: str = "euler", *, final
     if not sigmas or not all(math.isfinite(s) and s >= 0 for s in sigmas) or not (
             all(h < 0 for h in steps) or all(h > 0 for h in steps)):
         raise ValueError(f"sigmas must be finite noise levels >= 0, strictly monotone, got {sigmas[:8]}")
-    if final_step == "extrapolate" and (len(sigmas) < 3 or sigmas[-1] != 0 or steps[0] > 0):
-        raise ValueError("final_step='extrapolate' needs a descent to σ = 0 from at least two noise levels "
+    if final_step != "euler" and (len(sigmas) < 3 or sigmas[-1] != 0 or steps[0] > 0):
+        raise ValueError(f"final_step={final_step!r} needs a descent to σ = 0 from at least two noise levels "
                          "(at least 2 timesteps); use final_step='euler'")
     return answer(solve(method, x_bar, sigmas, final_step=final_step, trajectory=trajectory, progress=progress), eps)
 

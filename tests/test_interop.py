@@ -134,6 +134,7 @@ def test_pipeline_with_our_scheduler_equals_sample(unet, ddpm_scheduler, method)
     ("ddim", "trailing", {"eta": 0.5}),  # stochastic: the pipeline's generator draws the same noise
     ("pc_sigma", "logsnr", {"final_step": "extrapolate"}),  # fractional timesteps, the extrapolated last step
     ("heun", "karras", {}),
+    ("unipc", "calibrated", {"final_step": "gaussian"}),  # the Gaussian last step, on the calibrated grid
     ("sigma_hat", "leading", {"clip_sample": False}),
 ])
 def test_pipeline_options_and_fractional_grids(unet, ddpm_scheduler, method, spacing, options):
@@ -143,7 +144,7 @@ def test_pipeline_options_and_fractional_grids(unet, ddpm_scheduler, method, spa
     ours = dict(options)
     if "clip_sample" in ours:
         ours["clip_x0"] = math.inf if not ours.pop("clip_sample") else 1.0
-    assert torch.is_floating_point(scheduler.timesteps) == (spacing in ("logsnr", "karras"))
+    assert torch.is_floating_point(scheduler.timesteps) == (spacing in ("logsnr", "karras", "calibrated"))
     torch.testing.assert_close(images, our_images(model, schedule, schedule.timesteps(4, spacing), method, seed=5, **ours),
                                rtol=0, atol=ATOL)
 

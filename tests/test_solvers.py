@@ -667,3 +667,57 @@ def test_equalised_grid_needs_a_profile_covering_its_range(sched):
         sched.timesteps(10, "equalised", profile=(t, -torch.ones_like(t)))
     with pytest.raises(ValueError, match="chooses its own t_min"):
         sched.timesteps(10, "equalised", t_min=2.0, profile=(t, torch.ones_like(t)))
+
+
+# --- the Gaussian last step (final_step="gaussian") ---------------------------------------------------------
+
+
+def test_gaussian_last_step_is_exact_for_a_diagonal_gaussian():
+    """For N(μ, diag(s²)), the last step from any two evaluations lands on Eq 14's exact x_0 from x̄_1,
+    μ + (x̄_1 - μ) s / sqrt(s² + σ_1²) per coordinate, whether or not the two states lie on one path."""
+    from ddim_edu.solvers import Evaluation, gaussian_x0
+
+    mu = torch.tensor([0.4, -1.0, 0.2], dtype=torch.float64)
+    s = torch.tensor([0.01, 0.3, 1.5], dtype=torch.float64)
+    data = GaussianMixture(mu[None], s[None])
+    g = torch.Generator().manual_seed(7)
+
+    def evaluation(x_bar, sigma):
+        return Evaluation(sigma, x_bar, data.eps(x_bar / math.sqrt(1 + sigma**2), 1 / (1 + sigma**2)))
+
+    s_1, s_2 = 0.05, 0.4
+    x_1 = mu + torch.randn(16, 3, generator=g, dtype=torch.float64) * torch.sqrt(s**2 + s_1**2)
+    x_2 = mu + torch.randn(16, 3, generator=g, dtype=torch.float64) * torch.sqrt(s**2 + s_2**2)  # another path
+    out = gaussian_x0(evaluation(x_1, s_1), evaluation(x_2, s_2))
+    torch.testing.assert_close(out, mu + (x_1 - mu) * s / torch.sqrt(s**2 + s_1**2), rtol=0, atol=1e-10)
+
+
+def test_gaussian_last_step_falls_back_to_euler_where_no_gaussian_fits():
+    """A point mass (D constant, a = 0) and a fit with a < 0 both give the Euler step's D_1."""
+    from ddim_edu.solvers import Evaluation, gaussian_x0
+
+    x_1, x_2 = torch.tensor([[1.0, 2.0]], dtype=torch.float64), torch.tensor([[3.0, -1.0]], dtype=torch.float64)
+    point = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    e_1, e_2 = (x_1 - point) / 0.1, (x_2 - point) / 0.5  # ε of a point mass: D = point at both levels
+    torch.testing.assert_close(gaussian_x0(Evaluation(0.1, x_1, e_1), Evaluation(0.5, x_2, e_2)), point, rtol=0, atol=1e-12)
+    last = Evaluation(0.1, x_1, torch.tensor([[1.0, 1.0]], dtype=torch.float64))  # D_1 = (0.9, 1.9)
+    previous = Evaluation(0.5, x_2, torch.tensor([[-4.0, -7.0]], dtype=torch.float64))  # D_2 = (5, 2.5)
+    a = (last.denoised - previous.denoised) / (last.eps / 0.1 - previous.eps / 0.5)
+    assert bool((a < 0).all())
+    torch.testing.assert_close(gaussian_x0(last, previous), last.denoised, rtol=0, atol=0)
+
+
+def test_gaussian_last_step_removes_the_mode_width_error_on_narrow_modes(sched):
+    """On 8 modes of width 0.01 (the family's ring-narrow), DPM-Solver++(2M) with 20 timesteps on the log-SNR grid:
+    the Gaussian last step leaves less than half the Euler last step's error, and less than the extrapolated one's
+    (measured: 1.1e-3 against 3.0e-3 and 2.1e-3)."""
+    from ddim_edu.evaluation.mixture_family import family, reference_x0
+
+    ring_narrow = family(0)["ring-narrow"]
+    x = x_T(256)
+    s_max = sched.sigma(float(sched.T - 1)).item()
+    ref, _ = reference_x0(ring_narrow, x * math.sqrt(1 + s_max**2), s_max)
+    model, tau = ring_narrow.eps_model(sched), sched.timesteps(20, "logsnr")
+    errors = {fs: ((sample(model, x, sched, tau, "dpmpp_2m", final_step=fs) - ref) ** 2).mean().sqrt().item()
+              for fs in ("euler", "extrapolate", "gaussian")}
+    assert errors["gaussian"] < 0.5 * errors["euler"] and errors["gaussian"] < errors["extrapolate"], errors
