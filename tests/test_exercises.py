@@ -52,9 +52,22 @@ def heun(eps, x_bar, s, s_next):
     return x_bar + (s_next - s) * (d + eps(x_pred, s_next)) / 2
 
 
+def gaussian_last_step(d_1, eps_1, s_1, d_2, eps_2, s_2, x_bar_1):
+    a = (d_1 - d_2) / (eps_1 / s_1 - eps_2 / s_2)
+    mu = d_1 - a * eps_1 / s_1
+    return mu + (x_bar_1 - mu) * torch.sqrt(a / (a + s_1**2))
+
+
+def without_sigma(d_1, eps_1, s_1, d_2, eps_2, x_bar_1):  # the Gaussian last step with ε where ε/σ belongs
+    a = (d_1 - d_2) / (eps_1 - eps_2)
+    mu = d_1 - a * eps_1
+    return mu + (x_bar_1 - mu) * torch.sqrt(a / (a + s_1**2))
+
+
 RIGHT = [(ex.check_q_sample, q_sample), (ex.check_reverse_mean, reverse_mean), (ex.check_sigma_eta, sigma_eta),
          (ex.check_c_t, c_t), (ex.check_ddpm_weight, ddpm_weight), (ex.check_eq12_step, eq12_step),
-         (ex.check_single_point_eps, single_point_eps), (ex.check_heun_sigma, heun)]
+         (ex.check_single_point_eps, single_point_eps), (ex.check_heun_sigma, heun),
+         (ex.check_gaussian_last_step, gaussian_last_step)]
 
 
 @pytest.mark.parametrize("check, answer", RIGHT, ids=lambda v: getattr(v, "__name__", ""))
@@ -76,6 +89,9 @@ MISTAKES = [
     (ex.check_ddpm_weight, lambda b, a, s: 1 / (2 * s**2 * a), "as the appendix prints it"),
     (ex.check_eq12_step, lambda x, e, a, ap, s, z: eq12_step(x, e, a, ap, s, 0 * z), "noise term is missing"),
     (ex.check_heun_sigma, lambda eps, x, s, sn: x + (sn - s) * eps(x, s), "that is Euler's step"),
+    (ex.check_gaussian_last_step, lambda d1, e1, s1, d2, e2, s2, x1: d1, "that is the Euler step"),
+    (ex.check_gaussian_last_step, lambda d1, e1, s1, d2, e2, s2, x1: without_sigma(d1, e1, s1, d2, e2, x1),
+     "ε enters divided by its own σ"),
 ]
 
 
