@@ -352,7 +352,7 @@ def notes(rows, infos, peers_available):
         "at no extra evaluation. From exact states at t = 3 and t = 0 it leaves "
         + ", ".join(f"{infos[k]['extrapolated']:.1e} (Problem {k}, Euler floor {infos[k]['floors'][0]:.1e})" for k in infos)
         + ". The `+gauss` rows end with `final_step=\"gaussian\"` (`solvers.gaussian_x0`): the last two evaluations "
-        "fix, coordinate by coordinate, the one Gaussian N(μ, s²) that has both (D - s²ε/σ = μ at each), and x_0 "
+        "fix, coordinate by coordinate, the one Gaussian N(m, a) that has both (D - aε/σ = m at each), and x_0 "
         "follows its exact path from x̄ at σ(τ_1); where no Gaussian fits, the Euler step.")
     if not peers_available:
         return lines + [""]

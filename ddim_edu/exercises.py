@@ -365,28 +365,28 @@ def check_gaussian_last_step(fn: Callable) -> Verdict:
     """The Gaussian last step: ``fn(d_1, eps_1, s_1, d_2, eps_2, s_2, x_bar_1)`` returns x_0 from the evaluations
     (D_1, ε_1) at σ_1 (at the state x̄_1) and (D_2, ε_2) at σ_2 > σ_1, tensors [B, d].
 
-    Compared with :func:`ddim_edu.solvers.gaussian_x0` on two levels of the exact path of a Gaussian N(μ, diag(s²))
-    in 3-D, where it is exact (every a = s² found is positive, so no coordinate falls back to Euler).
+    Compared with :func:`ddim_edu.solvers.gaussian_x0` on two levels of the exact path of a Gaussian N(m, diag(a))
+    in 3-D, where it is exact (every variance a found is positive, so no coordinate falls back to Euler).
     """
     from .solvers import Evaluation, gaussian_x0
 
-    mu = torch.tensor([0.4, -1.0, 0.2], dtype=torch.float64)
+    mean = torch.tensor([0.4, -1.0, 0.2], dtype=torch.float64)
     widths = torch.tensor([0.01, 0.3, 1.5], dtype=torch.float64)
-    data = GaussianMixture(mu[None], widths[None])
+    data = GaussianMixture(mean[None], widths[None])
     s_1, s_2 = 0.05, 0.4
-    x_2 = mu + torch.randn(16, 3, generator=_generator(8), dtype=torch.float64) * torch.sqrt(widths**2 + s_2**2)
-    x_1 = mu + (x_2 - mu) * torch.sqrt((widths**2 + s_1**2) / (widths**2 + s_2**2))  # Eq 14's path, σ_2 → σ_1
+    x_2 = mean + torch.randn(16, 3, generator=_generator(8), dtype=torch.float64) * torch.sqrt(widths**2 + s_2**2)
+    x_1 = mean + (x_2 - mean) * torch.sqrt((widths**2 + s_1**2) / (widths**2 + s_2**2))  # Eq 14's path, σ_2 → σ_1
     e_1, e_2 = (Evaluation(s, x, data.eps(x / math.sqrt(1 + s**2), 1 / (1 + s**2))) for s, x in ((s_1, x_1), (s_2, x_2)))
     args = (e_1.denoised, e_1.eps, s_1, e_2.denoised, e_2.eps, s_2, x_1)
     a_wrong = (e_1.denoised - e_2.denoised) / (e_1.eps - e_2.eps)  # ε not divided by its σ, here and in μ
-    mu_wrong = e_1.denoised - a_wrong * e_1.eps
+    mean_wrong = e_1.denoised - a_wrong * e_1.eps
     return _compare("the Gaussian last step", lambda: fn(*args), gaussian_x0(e_1, e_2),
-                    "D − a·ε/σ = μ holds at both levels: a = (D_1 − D_2)/(ε_1/σ_1 − ε_2/σ_2), μ = D_1 − a·ε_1/σ_1, "
-                    "then x_0 = μ + (x̄_1 − μ)·sqrt(a/(a + σ_1²))",
-                    {"that is the Euler step, D_1: along the path x̄ − μ ∝ sqrt(a + σ²), so x_0 − μ is "
-                     "(x̄_1 − μ)·sqrt(a/(a + σ_1²)), not D's factor a/(a + σ_1²)": e_1.denoised,
-                     "ε enters divided by its own σ: D − a·ε/σ = μ, so a = (D_1 − D_2)/(ε_1/σ_1 − ε_2/σ_2)":
-                     mu_wrong + (x_1 - mu_wrong) * torch.sqrt(a_wrong / (a_wrong + s_1**2))})
+                    "D − a·ε/σ = m holds at both levels: a = (D_1 − D_2)/(ε_1/σ_1 − ε_2/σ_2), m = D_1 − a·ε_1/σ_1, "
+                    "then x_0 = m + (x̄_1 − m)·sqrt(a/(a + σ_1²))",
+                    {"that is the Euler step, D_1: along the path x̄ − m ∝ sqrt(a + σ²), so x_0 − m is "
+                     "(x̄_1 − m)·sqrt(a/(a + σ_1²)), not D's factor a/(a + σ_1²)": e_1.denoised,
+                     "ε enters divided by its own σ: D − a·ε/σ = m, so a = (D_1 − D_2)/(ε_1/σ_1 − ε_2/σ_2)":
+                     mean_wrong + (x_1 - mean_wrong) * torch.sqrt(a_wrong / (a_wrong + s_1**2))})
 
 
 # --- notebook 05: the SDE view and the likelihood ------------------------------------------------

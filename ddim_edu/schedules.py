@@ -154,7 +154,7 @@ class Schedule:
         return tau
 
     def equalised(self, S: int, profile: tuple[Tensor, Tensor] | None, *, t_min: float) -> Tensor:
-        """The ``"equalised"`` grid of :meth:`timesteps`: S levels at equal increments of ∫ c^{1/3} dλ, t_min to T-1."""
+        """The ``"equalised"`` grid of :meth:`timesteps`: S levels at equal increments of ∫ c^{1/3} du, t_min to T-1."""
         if profile is None or len(profile) != 2:
             raise ValueError("spacing 'equalised' needs profile=(t, c), a model's pilot profile: "
                              "profile = ddim_edu.solvers.pilot_profile(model, schedule, x_pilot)")
@@ -166,16 +166,16 @@ class Schedule:
         t, c = t[order], c[order]
         if not (t[0] <= t_min and t[-1] >= self.T - 1 - 1e-9):
             raise ValueError(f"the profile covers t in [{t[0]:.4g}, {t[-1]:.4g}]; the grid needs [{t_min:.4g}, {self.T - 1}]")
-        lam = -torch.log(self.sigma(t))  # decreasing in t
+        u = -torch.log(self.sigma(t))  # u = -log σ, decreasing in t
         density = c.pow(1 / 3)  # step length h ∝ c^{-1/3} equalises c h³
         density = density + 0.05 * density.mean()
         cumulative = torch.cat([torch.zeros(1, dtype=torch.float64),
-                                torch.cumsum((density[1:] + density[:-1]) / 2 * (lam[:-1] - lam[1:]), 0)])  # ∫ from t[0]
-        lam_ends = -torch.log(self.sigma(torch.tensor([t_min, self.T - 1.0], dtype=torch.float64)))
-        ends = np.interp((-lam_ends).numpy(), (-lam).numpy(), cumulative.numpy())  # ∫ is piecewise linear in λ
-        levels = np.linspace(ends[0], ends[1], S)  # equal increments of ∫ c^{1/3} dλ
-        lam_grid = torch.from_numpy(np.interp(levels, cumulative.numpy(), lam.numpy()))
-        tau = self.t_from_sigma(torch.exp(-lam_grid)).clamp(t_min, self.T - 1)
+                                torch.cumsum((density[1:] + density[:-1]) / 2 * (u[:-1] - u[1:]), 0)])  # ∫ from t[0]
+        u_ends = -torch.log(self.sigma(torch.tensor([t_min, self.T - 1.0], dtype=torch.float64)))
+        ends = np.interp((-u_ends).numpy(), (-u).numpy(), cumulative.numpy())  # ∫ is piecewise linear in u
+        levels = np.linspace(ends[0], ends[1], S)  # equal increments of ∫ c^{1/3} du
+        u_grid = torch.from_numpy(np.interp(levels, cumulative.numpy(), u.numpy()))
+        tau = self.t_from_sigma(torch.exp(-u_grid)).clamp(t_min, self.T - 1)
         tau[0], tau[-1] = t_min, self.T - 1  # exact ends despite rounding in the inverse
         return tau
 
@@ -221,12 +221,12 @@ class Schedule:
           linear in log S, beyond them held), so no problem it is used on was looked at. It sets
           its own t_min.
         - ``"equalised"``: the grid that equalises the local error of a second-order method in
-          λ = -log σ (DPM-Solver++(2M)'s variable) along a model's own trajectories, from a pilot
-          ``profile = (t, c)`` of :func:`ddim_edu.solvers.pilot_profile`: c(λ) the RMS size of
-          d²D/dλ², D = x̄ - σ ε the x_0 prediction. A step of length h at λ leaves an error
-          ≈ c(λ) h³/12, so equal errors need steps h ∝ c^{-1/3}: the levels are placed at equal
-          increments of ∫ c^{1/3} dλ (c^{1/3} floored at 5 % of its mean, so that no stretch gets no
-          step), from t_min (the calibrated grid's) to T-1.
+          u = -log σ (the log signal-to-noise ratio, DPM-Solver++(2M)'s variable) along a model's own
+          trajectories, from a pilot ``profile = (t, c)`` of :func:`ddim_edu.solvers.pilot_profile`:
+          c(u) the RMS size of d²D/du², D = x̄ - σ ε the x_0 prediction. A step of length h at u
+          leaves an error ≈ c(u) h³/12, so equal errors need steps h ∝ c^{-1/3}: the levels are placed
+          at equal increments of ∫ c^{1/3} du (c^{1/3} floored at 5 % of its mean, so that no stretch
+          gets no step), from t_min (the calibrated grid's) to T-1.
         """
         if not isinstance(S, int) or isinstance(S, bool) or S < 1:
             raise ValueError(f"S (number of steps) must be a positive int, got {S!r}")

@@ -500,27 +500,28 @@ def extrapolated_x0(d_1: Tensor, d_2: Tensor, s_1: float, s_2: float) -> Tensor:
 
 
 def gaussian_x0(last: Evaluation, previous: Evaluation) -> Tensor:
-    """x_0 from the last two evaluations (at σ_1 < σ_2), exact when the data are locally one Gaussian N(μ, diag(s²)).
+    """x_0 from the last two evaluations (at σ_1 < σ_2), exact when the data are locally one Gaussian N(m, diag(a)).
 
-    For such data, coordinate by coordinate with a = s², the x_0 prediction is D = μ + (x̄ - μ) a/(a + σ²)
-    and ε = (x̄ - D)/σ = (x̄ - μ) σ/(a + σ²), so D - a ε/σ = μ at every (x̄, σ). Two evaluations give two
-    such equations in the two unknowns, linear in a:
+    For such data (mean m, variance a, coordinate by coordinate) the x_0 prediction is
+    D = m + (x̄ - m) a/(a + σ²) and ε = (x̄ - D)/σ = (x̄ - m) σ/(a + σ²), so D - a ε/σ = m at every
+    (x̄, σ). Two evaluations give two such equations in the two unknowns, linear in a:
 
-        a = (D_1 - D_2) / (ε_1/σ_1 - ε_2/σ_2),   μ = D_1 - a ε_1/σ_1,
+        a = (D_1 - D_2) / (ε_1/σ_1 - ε_2/σ_2),   m = D_1 - a ε_1/σ_1,
 
-    and along Eq 14's exact path x̄(σ) - μ ∝ sqrt(a + σ²), so x_0 = μ + (x̄_1 - μ) sqrt(a/(a + σ_1²)).
+    and along Eq 14's exact path x̄(σ) - m ∝ sqrt(a + σ²), so x_0 = m + (x̄_1 - m) sqrt(a/(a + σ_1²)).
     With x̄_1 the state the last evaluation was made at, no further evaluation is needed. Where the
     fit is not a Gaussian (a ≤ 0 or not finite: the sample still moves between modes, or ε does not
     change), a = 0 is taken, and the step is the Euler (= DDIM) step, x_0 = D_1. For mixtures whose
-    modes are narrower than σ_1 the Euler step leaves an error of the order of the mode's width (x_0
-    lies within s of μ, D_1 almost at μ); this step removes it once the sample has settled on a mode.
+    modes are narrower than σ_1 the Euler step leaves an error of the order of a mode's width sqrt(a)
+    (x_0 lies about sqrt(a) from m, D_1 almost at m); this step removes it once the sample has settled
+    on a mode.
     """
     s_1, s_2 = last.sigma, previous.sigma
-    slope = last.eps / s_1 - previous.eps / s_2  # ε/σ = (x̄ - μ)/(a + σ²)
-    a = (last.denoised - previous.denoised) / slope  # s² per coordinate
+    slope = last.eps / s_1 - previous.eps / s_2  # ε/σ = (x̄ - m)/(a + σ²)
+    a = (last.denoised - previous.denoised) / slope  # the mode's variance, per coordinate
     a = torch.where(torch.isfinite(a) & (a > 0), a, torch.zeros_like(a))  # no Gaussian fit: the Euler step
-    mu = last.denoised - a * last.eps / s_1
-    return mu + (last.x - mu) * torch.sqrt(a / (a + s_1**2))  # the exact path from x̄_1 down to σ = 0
+    mean = last.denoised - a * last.eps / s_1  # m = D - a ε/σ
+    return mean + (last.x - mean) * torch.sqrt(a / (a + s_1**2))  # the exact path from x̄_1 down to σ = 0
 
 
 def solve(method: str, x_bar: Tensor, sigmas: Sequence[float], *, final_step: str = "euler",
@@ -710,17 +711,17 @@ def pilot_profile(model: Model, schedule: Schedule, x_pilot: Tensor, *, levels: 
     """Where Eq 14's solutions bend, measured on a pilot batch: ``(t, c)`` for ``schedule.timesteps(S, "equalised", profile=...)``.
 
     The pilot ``x_pilot`` [B, …] (a few draws of x_T ~ N(0, I), not the ones to be sampled) is
-    carried from T-1 to t = 0 by DDIM (Euler in σ) on ``levels`` levels uniform in λ = -log σ;
-    at each level the x_0 prediction D = x̄ - σ ε is recorded, and c is the RMS over the batch and
-    the coordinates of the second difference quotient of D in λ (d²D/dλ² to O(h²) on the uniform
-    λ grid; one-sided at the two ends). The pilot costs ``levels`` evaluations of the pilot batch,
+    carried from T-1 to t = 0 by DDIM (Euler in σ) on ``levels`` levels uniform in u = -log σ (the
+    log signal-to-noise ratio); at each level the x_0 prediction D = x̄ - σ ε is recorded, and c is
+    the RMS over the batch and the coordinates of the second difference quotient of D in u
+    (d²D/du² to O(h²) on the uniform grid; at the two ends the neighbour's value). The pilot costs ``levels`` evaluations of the pilot batch,
     once per model: the grids for every S are then made from the profile at no further cost.
     """
     check_x(x_pilot, "x_pilot")
     check_model(model, schedule)
     if not isinstance(levels, int) or isinstance(levels, bool) or levels < 3:
         raise ValueError(f"levels must be an int >= 3, got {levels!r}")
-    tau = schedule.timesteps(levels, "logsnr")  # uniform in λ from t = 0 to T-1
+    tau = schedule.timesteps(levels, "logsnr")  # uniform in u = -log σ from t = 0 to T-1
     sigmas = schedule.sigma(tau).flip(0).tolist()  # σ(T-1) > … > σ(0)
     field = EpsField(model, schedule, sigmas, dict(zip(sigmas, tau.flip(0).tolist())))
     predictions = []
@@ -732,9 +733,9 @@ def pilot_profile(model: Model, schedule: Schedule, x_pilot: Tensor, *, levels: 
 
     x_end = integrate(recording, x_pilot * math.sqrt(1 + sigmas[0] ** 2), sigmas, "euler")
     recording(x_end, sigmas[-1])  # D at the last level
-    d = torch.stack(predictions).flatten(1).double()  # [levels, B·dims], λ increasing
-    h = math.log(sigmas[0] / sigmas[1])  # the λ step
-    second = (d[2:] - 2 * d[1:-1] + d[:-2]) / h**2  # d²D/dλ² at the interior levels
+    d = torch.stack(predictions).flatten(1).double()  # [levels, B·dims], u increasing
+    h = math.log(sigmas[0] / sigmas[1])  # the step in u
+    second = (d[2:] - 2 * d[1:-1] + d[:-2]) / h**2  # d²D/du² at the interior levels
     c = second.pow(2).mean(dim=1).sqrt()
     c = torch.cat([c[:1], c, c[-1:]])  # the ends take their neighbours' values
     return tau, c.flip(0)  # t increasing

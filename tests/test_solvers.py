@@ -605,26 +605,27 @@ def test_sample_overwrites_only_its_own_states(sched, ring, final_step):
         assert not torch.equal(x_bar, x * math.sqrt(1 + sigmas[0] ** 2))  # own_states did overwrite x̄
 
 
-# --- the equalised grid: a pilot profile of d²D/dλ² ---------------------------------------------------
+# --- the equalised grid: a pilot profile of d²D/du², u = -log σ -------------------------------------------
 
 
-def test_pilot_profile_is_d2D_dlambda2_of_gaussian_data(sched):
-    """For x_0 ~ N(μ, s² I), Eq 14's exact path gives D(σ) = μ + (x̄_T - μ) s² / sqrt((s² + σ²)(s² + σ_T²)), so with
-    q = σ² = e^{-2λ}, d²D/dλ² = (x̄_T - μ) s² q (q - 2s²) / ((s² + q)^{5/2} sqrt(s² + σ_T²)). The pilot's RMS
+def test_pilot_profile_is_d2D_du2_of_gaussian_data(sched):
+    """For x_0 ~ N(m, a I), Eq 14's exact path gives D(σ) = m + (x̄_T - m) a / sqrt((a + σ²)(a + σ_T²)), so with
+    q = σ² = e^{-2u}, d²D/du² = (x̄_T - m) a q (q - 2a) / ((a + q)^{5/2} sqrt(a + σ_T²)). The pilot's RMS
     second difference of its DDIM path matches that: median relative error under 1 % where it is not near its
     zero, and nowhere off by more than 2 % of its peak."""
     from ddim_edu.solvers import pilot_profile
 
-    s, mu = 0.5, torch.tensor([0.3, -0.2], dtype=torch.float64)
-    data = GaussianMixture(mu[None], [s])
+    width, mean = 0.5, torch.tensor([0.3, -0.2], dtype=torch.float64)
+    a = width**2
+    data = GaussianMixture(mean[None], [width])
     x = x_T(64, seed=4)
     t, c = pilot_profile(data.eps_model(sched), sched, x, levels=400)
     assert bool((t.diff() > 0).all()) and t[0] == 0 and t[-1] == sched.T - 1
     sigma_T = sched.sigma(float(sched.T - 1)).item()
-    spread = ((x * math.sqrt(1 + sigma_T**2) - mu) ** 2).mean().sqrt().item()  # RMS of x̄_T - μ
+    spread = ((x * math.sqrt(1 + sigma_T**2) - mean) ** 2).mean().sqrt().item()  # RMS of x̄_T - m
     q = sched.sigma(t) ** 2
-    exact = spread * s**2 * q * (q - 2 * s**2).abs() / ((s**2 + q) ** 2.5 * math.sqrt(s**2 + sigma_T**2))
-    away = (q - 2 * s**2).abs() > 0.2 * s**2
+    exact = spread * a * q * (q - 2 * a).abs() / ((a + q) ** 2.5 * math.sqrt(a + sigma_T**2))
+    away = (q - 2 * a).abs() > 0.2 * a
     inner = torch.zeros_like(away)
     inner[2:-2] = True
     relative = ((c - exact).abs() / exact)[away & inner]
@@ -632,13 +633,13 @@ def test_pilot_profile_is_d2D_dlambda2_of_gaussian_data(sched):
 
 
 def test_equalised_grid_spreads_the_integral_of_c_to_the_third_evenly(sched):
-    """The levels cut ∫ (c^{1/3} + 5 % of its mean) dλ into S equal parts (measured on a fine quadrature); a flat
+    """The levels cut ∫ (c^{1/3} + 5 % of its mean) du into S equal parts (measured on a fine quadrature); a flat
     profile gives the log-SNR grid from the calibrated t_min."""
     from ddim_edu.schedules import calibrated_blend
 
     t = torch.linspace(0, sched.T - 1, 2001, dtype=torch.float64)
-    lam_of = lambda tt: -torch.log(sched.sigma(tt))  # noqa: E731
-    c = torch.exp(-((lam_of(t) - 1.0) ** 2)) + 1e-3  # a bump at λ = 1
+    u_of = lambda tt: -torch.log(sched.sigma(tt))  # noqa: E731
+    c = torch.exp(-((u_of(t) - 1.0) ** 2)) + 1e-3  # a bump at u = -log σ = 1
     for S in (5, 12):
         tau = sched.timesteps(S, "equalised", profile=(t, c))
         density = c.pow(1 / 3)
@@ -648,7 +649,7 @@ def test_equalised_grid_spreads_the_integral_of_c_to_the_third_evenly(sched):
         for a, b in zip(tau[:-1], tau[1:]):
             tt = a + (b - a) * fine
             m = torch.from_numpy(np.interp(tt.numpy(), t.numpy(), density.numpy()))
-            lam = lam_of(tt)
+            lam = u_of(tt)
             parts.append(torch.trapezoid(m, -lam).item())
         assert max(parts) / min(parts) < 1.01, parts
         assert tau[0] == pytest.approx(calibrated_blend(S)[1]) and tau[-1] == sched.T - 1
@@ -673,23 +674,23 @@ def test_equalised_grid_needs_a_profile_covering_its_range(sched):
 
 
 def test_gaussian_last_step_is_exact_for_a_diagonal_gaussian():
-    """For N(μ, diag(s²)), the last step from any two evaluations lands on Eq 14's exact x_0 from x̄_1,
-    μ + (x̄_1 - μ) s / sqrt(s² + σ_1²) per coordinate, whether or not the two states lie on one path."""
+    """For N(m, diag(a)), the last step from any two evaluations lands on Eq 14's exact x_0 from x̄_1,
+    m + (x̄_1 - m) sqrt(a / (a + σ_1²)) per coordinate, whether or not the two states lie on one path."""
     from ddim_edu.solvers import Evaluation, gaussian_x0
 
-    mu = torch.tensor([0.4, -1.0, 0.2], dtype=torch.float64)
-    s = torch.tensor([0.01, 0.3, 1.5], dtype=torch.float64)
-    data = GaussianMixture(mu[None], s[None])
+    mean = torch.tensor([0.4, -1.0, 0.2], dtype=torch.float64)
+    a = torch.tensor([0.01, 0.3, 1.5], dtype=torch.float64) ** 2  # the variances
+    data = GaussianMixture(mean[None], a.sqrt()[None])
     g = torch.Generator().manual_seed(7)
 
     def evaluation(x_bar, sigma):
         return Evaluation(sigma, x_bar, data.eps(x_bar / math.sqrt(1 + sigma**2), 1 / (1 + sigma**2)))
 
     s_1, s_2 = 0.05, 0.4
-    x_1 = mu + torch.randn(16, 3, generator=g, dtype=torch.float64) * torch.sqrt(s**2 + s_1**2)
-    x_2 = mu + torch.randn(16, 3, generator=g, dtype=torch.float64) * torch.sqrt(s**2 + s_2**2)  # another path
+    x_1 = mean + torch.randn(16, 3, generator=g, dtype=torch.float64) * torch.sqrt(a + s_1**2)
+    x_2 = mean + torch.randn(16, 3, generator=g, dtype=torch.float64) * torch.sqrt(a + s_2**2)  # another path
     out = gaussian_x0(evaluation(x_1, s_1), evaluation(x_2, s_2))
-    torch.testing.assert_close(out, mu + (x_1 - mu) * s / torch.sqrt(s**2 + s_1**2), rtol=0, atol=1e-10)
+    torch.testing.assert_close(out, mean + (x_1 - mean) * torch.sqrt(a / (a + s_1**2)), rtol=0, atol=1e-10)
 
 
 def test_gaussian_last_step_falls_back_to_euler_where_no_gaussian_fits():
