@@ -553,7 +553,7 @@ def main():
     for key, (_, mixture) in problems().items():
         problem_rows, infos[key] = run_problem(key, mixture, schedule, x_T, peers_available, int_grids)
         rows += problem_rows
-    from ode_family import run as run_family, section  # the family benchmark, reported first
+    from ode_family import plot as plot_family, run as run_family, section  # the family benchmark, reported first
 
     family_rows, family_infos, family_seconds = run_family(schedule, args.family_points, peers_available)
     seconds = time.perf_counter() - start
@@ -576,6 +576,7 @@ def main():
     md_path = ROOT / "docs" / "ode_accuracy.md"
     md_path.write_text("\n".join(lines) + "\n")
     plot(rows, infos, peers_available, ROOT / "docs" / "ode_accuracy.png")
+    plot_family(family_rows, peers_available, ROOT / "docs" / "ode_family.png")
     print("\n".join(lines))
     print(f"\nwrote {md_path}, {md_path.with_suffix('.png')} and {csv_path} in {seconds:.0f} s")
 

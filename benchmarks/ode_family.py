@@ -177,6 +177,8 @@ def section(rows, infos, peers_available, seconds, n_points) -> list[str]:
         "",
         *summary_lines(rows, peers_available),
         "",
+        "![ours / peer per member](ode_family.png)",
+        "",
         "Per member:",
         "",
         *member_lines(rows, peers_available, infos),
@@ -189,3 +191,38 @@ def section(rows, infos, peers_available, seconds, n_points) -> list[str]:
         *grid_lines(rows),
         "",
     ]
+
+
+def plot(rows, peers_available, path):
+    """Per member and NFE, ours / the best peer on the same grids and ours / the best stock peer, as bars on a log scale."""
+    if not peers_available:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    members = list(KINDS)
+    fig, axes = plt.subplots(1, len(FAMILY_TARGETS), figsize=(5.2 * len(FAMILY_TARGETS), 4.8), sharey=True)
+    for ax, target in zip(axes, FAMILY_TARGETS):
+        means = []
+        for offset, (kind, colour, label) in zip((-0.2, 0.2), (("grid", "tab:blue", "ours / best peer on the same grids"),
+                                                              ("stock", "tab:orange", "ours / best stock peer"))):
+            pairs = ratios(rows, target, {}, {"kind": kind})
+            values = [pairs[m][0]["rmse"] / pairs[m][1]["rmse"] for m in members]
+            ax.bar([i + offset for i in range(len(members))], values, width=0.4, color=colour, label=label)
+            means.append(geometric_mean(values))
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(0.5, color="tab:red", lw=0.8, ls="--", label="the target on the same grids, 0.5")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(members)), members, rotation=60, ha="right", fontsize=8)
+        ax.set_xlabel("member of the family")
+        ax.set_title(f"NFE ≤ {target}: geometric means {means[0]:.2f} (same grids), {means[1]:.2f} (stock)", fontsize=9)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    axes[0].set_ylabel("RMSE ratio, ours / peer (below 1: ours better)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("Eq 14 solvers on the family of exact mixtures: our best row against diffusers' best, per member")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
