@@ -8,7 +8,7 @@ NFE), every blend ``schedule.timesteps(S, "blend", weight=w, t_min=t_min)`` of t
 its error is divided by the best blend's for that problem and method, and the (w, t_min) of least
 geometric mean of that ratio is chosen. The chosen values are what ``CALIBRATED_GRID`` in
 ``ddim_edu/schedules.py`` freezes (anchored at dpmpp_2m's S = NFE); this script prints them and the
-table of the best candidates.
+table of the best candidates, and writes them to docs/calibrated_grid.md.
 
     python benchmarks/calibrate_grid.py            # about 10 min on one core
 """
@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import platform
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -69,6 +71,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=128, help="x_T per problem (default 128)")
     parser.add_argument("--smoke", action="store_true", help="two members of one seed, 16 points: checks that it runs")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs",
+                        help="folder for calibrated_grid.md (default docs/)")
     args = parser.parse_args(argv)
     if args.points < 1:
         parser.error(f"--points must be at least 1, got {args.points}")
@@ -76,15 +80,24 @@ def main(argv=None):
     start = time.perf_counter()
     errs = errors(linear_schedule(), 16 if args.smoke else args.points, SEEDS[:1] if args.smoke else SEEDS,
                   members=("few", "8d") if args.smoke else None)
-    chosen = []
+    chosen, lines = [], []
     for nfe in FAMILY_TARGETS:
         ranked = choose(errs, nfe)
-        print(f"\nNFE ≤ {nfe}: best blends (w, t_min), geometric mean and worst of RMSE / the problem's best blend")
-        for gm, worst, (w, t_min) in ranked[:5]:
-            print(f"  w = {w:.2f}, t_min = {t_min:4g}: {gm:.3f} (worst {worst:.2f})")
+        lines += ["", f"NFE ≤ {nfe}: the best blends, geometric mean (and worst) of RMSE / the problem's best blend", "",
+                  "| w | t_min | geometric mean | worst |", "|---|---|---|---|"]
+        lines += [f"| {w:.2f} | {t_min:g} | {gm:.3f} | {worst:.2f} |" for gm, worst, (w, t_min) in ranked[:5]]
         chosen.append((nfe, *ranked[0][2]))
-    print(f"\nchosen (S, w, t_min): {tuple(chosen)}; frozen in ddim_edu/schedules.py: {CALIBRATED_GRID}; "
-          f"{time.perf_counter() - start:.0f} s")
+    seconds = time.perf_counter() - start
+    head = ["# The calibrated grid" + (" (SMOKE RUN: two members, 16 points)" if args.smoke else ""), "",
+            f"Written by `python benchmarks/calibrate_grid.py`: seeds {SEEDS[:1] if args.smoke else SEEDS} of the family's "
+            f"kinds, methods {', '.join(METHODS)}, w ∈ {WEIGHTS}, t_min ∈ {T_MINS}; torch {torch.__version__}, "
+            f"{platform.machine()}, {seconds:.0f} s.", "",
+            f"Chosen (S = NFE, w, t_min): {tuple(chosen)}. Frozen in `ddim_edu/schedules.py` as `CALIBRATED_GRID`: "
+            f"{CALIBRATED_GRID}" + (" (the same)." if tuple(chosen) == CALIBRATED_GRID else " (they differ).")]
+    text = "\n".join(head + lines) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "calibrated_grid.md").write_text(text)
     return chosen
 
 

@@ -30,11 +30,13 @@ def test_choose_takes_the_least_geometric_mean_of_ratios_to_each_problem_best(ca
     assert ranked[0][:2] == (pytest.approx(1.5), pytest.approx(1.5)) and ranked[1][:2] == (pytest.approx(2.0), pytest.approx(4.0))
 
 
-def test_calibration_smoke_run(calibrate):
+def test_calibration_smoke_run(calibrate, tmp_path):
     threads = torch.get_num_threads()
     try:
-        chosen = calibrate.main(["--smoke"])
+        chosen = calibrate.main(["--smoke", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     assert [nfe for nfe, _, _ in chosen] == [5, 10, 20]
     assert all(w in calibrate.WEIGHTS and t_min in calibrate.T_MINS for _, w, t_min in chosen)
+    text = (tmp_path / "calibrated_grid.md").read_text()
+    assert "SMOKE RUN" in text and f"Chosen (S = NFE, w, t_min): {tuple(chosen)}" in text
