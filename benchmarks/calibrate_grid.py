@@ -15,7 +15,6 @@ table of the best candidates, and writes them to docs/calibrated_grid.md.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import time
 from collections import defaultdict
@@ -36,14 +35,13 @@ T_MINS = (0.0, 1.0, 3.0, 6.0, 10.0, 16.0, 25.0)
 
 def errors(schedule, n_points, seeds, members=None):
     """{(seed, member, nfe, method): {(w, t_min): RMSE}} over the search."""
-    sigma_max = schedule.sigma(float(schedule.T - 1)).item()
     out = defaultdict(dict)
     for seed in seeds:
         for name, mixture in family(seed).items():
             if members is not None and name not in members:
                 continue
             x_T = torch.randn(n_points, mixture.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-            x0_ref, _ = reference_x0(mixture, x_T * math.sqrt(1 + sigma_max**2), sigma_max)
+            x0_ref, _ = reference_x0(mixture, schedule, x_T)
             model = mixture.eps_model(schedule)
             for nfe in FAMILY_TARGETS:
                 for method in METHODS:

@@ -38,9 +38,8 @@ SHORT = {"DPMSolverMultistepScheduler": "DPM-Solver++(2M)", "UniPCMultistepSched
 def run_member(name, mixture, schedule, n_points, peers_available, int_grids):
     """Every row of ours and of the peers on one member: dicts with member, kind, method, grid, target, nfe, rmse."""
     x_T = torch.randn(n_points, mixture.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sigma_max = schedule.sigma(float(schedule.T - 1)).item()
-    x0_ref, ref_nfe = reference_x0(mixture, x_T * math.sqrt(1 + sigma_max**2), sigma_max)
-    loose, _ = reference_x0(mixture, x_T * math.sqrt(1 + sigma_max**2), sigma_max, rtol=1e-8, atol=1e-8)
+    x0_ref, ref_nfe = reference_x0(mixture, schedule, x_T)
+    loose, _ = reference_x0(mixture, schedule, x_T, rtol=1e-8, atol=1e-8)
     model = mixture.eps_model(schedule)
     x_pilot = torch.randn(PILOT_POINTS, mixture.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     profile = pilot_profile(model, schedule, x_pilot, levels=PILOT_LEVELS)

@@ -215,7 +215,7 @@ class DiffusersScheduler:
         T = self.schedule.T
         if self.timestep_spacing == "linspace":  # diffusers': round(linspace(0, T-1, S))
             return torch.tensor(sorted(set(np.linspace(0, T - 1, S).round().astype(np.int64).tolist())), dtype=torch.float64)
-        tau = self.schedule.timesteps(S, self.timestep_spacing, **({} if self.profile is None else {"profile": self.profile}))
+        tau = self.schedule.timesteps(S, self.timestep_spacing, profile=self.profile)
         return tau + self.steps_offset if self.steps_offset else tau
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:

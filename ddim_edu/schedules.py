@@ -153,7 +153,7 @@ class Schedule:
                              f"largest), got {tau.tolist()[:8]}…")
         return tau
 
-    def equalised(self, S: int, profile: tuple[Tensor, Tensor] | None, *, t_min: float) -> Tensor:
+    def _equalised(self, S: int, profile: tuple[Tensor, Tensor] | None, t_min: float) -> Tensor:
         """The ``"equalised"`` grid of :meth:`timesteps`: S levels at equal increments of ∫ c^{1/3} du, t_min to T-1."""
         if profile is None or len(profile) != 2:
             raise ValueError("spacing 'equalised' needs profile=(t, c), a model's pilot profile: "
@@ -175,9 +175,7 @@ class Schedule:
         ends = np.interp((-u_ends).numpy(), (-u).numpy(), cumulative.numpy())  # ∫ is piecewise linear in u
         levels = np.linspace(ends[0], ends[1], S)  # equal increments of ∫ c^{1/3} du
         u_grid = torch.from_numpy(np.interp(levels, cumulative.numpy(), u.numpy()))
-        tau = self.t_from_sigma(torch.exp(-u_grid)).clamp(t_min, self.T - 1)
-        tau[0], tau[-1] = t_min, self.T - 1  # exact ends despite rounding in the inverse
-        return tau
+        return self.t_from_sigma(torch.exp(-u_grid))
 
     def step_alphas(self, timesteps) -> tuple[Tensor, Tensor]:
         """(ᾱ(τ_i), ᾱ(τ_{i-1})) for i = 1..S, float64, with ᾱ(τ_0) := 1 (the step into x_0)."""
@@ -243,33 +241,33 @@ class Schedule:
         elif spacing == "trailing":
             seq = np.round(np.arange(T, 0, -T / S))[:S].astype(np.int64) - 1
             tau = torch.tensor(seq[::-1].tolist(), dtype=torch.float64)
-        elif spacing in ("calibrated", "equalised"):
-            if t_min != 0.0:
-                raise ValueError(f"spacing {spacing!r} chooses its own t_min; got t_min={t_min!r} (use 'blend' to set it)")
-            weight, t_min = calibrated_blend(S)
-            if spacing == "calibrated":
-                return self.timesteps(S, "blend", t_min=min(t_min, T - 2), weight=weight)
-            if S < 2:
-                raise ValueError(f"S must be >= 2 for spacing 'equalised' (both ends are on the grid), got {S}")
-            tau = self.equalised(S, profile, t_min=min(t_min, T - 2))
-        elif spacing in ("linear", "karras", "logsnr", "blend"):
+        elif spacing in ("linear", "karras", "logsnr", "blend", "calibrated", "equalised"):
+            if spacing in ("calibrated", "equalised"):  # t_min (and for "calibrated" the blend) from CALIBRATED_GRID
+                if t_min != 0.0:
+                    raise ValueError(f"spacing {spacing!r} chooses its own t_min; got t_min={t_min!r} (use 'blend' to set it)")
+                calibrated_weight, t_min = calibrated_blend(S)
+                t_min = min(t_min, T - 2)
+                if spacing == "calibrated":
+                    spacing, weight = "blend", calibrated_weight
             if not 0 <= t_min < T - 1:
                 raise ValueError(f"t_min must lie in [0, T-1) = [0, {T - 1}), got {t_min!r}")
             if S < 2:
                 raise ValueError(f"S must be >= 2 for spacing {spacing!r} (both ends are on the grid), got {S}")
+            if spacing == "blend" and not (isinstance(weight, (int, float)) and 0 <= weight <= 1):
+                raise ValueError(f"weight must be a number in [0, 1] (0: uniform in t, 1: uniform in log σ), got {weight!r}")
             u = torch.linspace(0, 1, S, dtype=torch.float64)
             lo, hi = self.sigma(float(t_min)), self.sigma(float(T - 1))
+            linear = t_min + u * (T - 1 - t_min)  # uniform in t
             if spacing == "linear":
-                tau = t_min + u * (T - 1 - t_min)
+                tau = linear
             elif spacing == "karras":
                 tau = self.t_from_sigma(karras_sigmas(S, lo, hi, rho)[:-1].flip(0))
-            elif spacing == "logsnr":
-                tau = self.t_from_sigma(torch.exp(torch.log(lo) + u * (torch.log(hi) - torch.log(lo))))
+            elif spacing == "equalised":
+                tau = self._equalised(S, profile, t_min)
             else:
-                if not (isinstance(weight, (int, float)) and 0 <= weight <= 1):
-                    raise ValueError(f"weight must be a number in [0, 1] (0: uniform in t, 1: uniform in log σ), got {weight!r}")
-                linear = self.timesteps(S, "linear", t_min=t_min)
-                tau = (1 - weight) * linear + weight * self.timesteps(S, "logsnr", t_min=t_min)  # point by point
+                logsnr = self.t_from_sigma(torch.exp(torch.log(lo) + u * (torch.log(hi) - torch.log(lo))))
+                logsnr[0], logsnr[-1] = t_min, T - 1
+                tau = logsnr if spacing == "logsnr" else (1 - weight) * linear + weight * logsnr  # blend: point by point
             tau[0], tau[-1] = t_min, T - 1  # exact ends despite rounding in the inverse
         else:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")

@@ -384,8 +384,6 @@ class Method:
 
     def levels(self, sigmas: Sequence[float]) -> list[float]:
         """The noise level of every model evaluation, in order, of a solve along the grid ``sigmas``."""
-        if self.stages is no_stages and not self.reuses_last:  # one evaluation per step, at its start
-            return list(sigmas[:-1])
         out = []
         for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
             if i == 0 or not self.reuses_last:
@@ -640,7 +638,8 @@ def _sample(model, x_T, schedule, tau, method, eta, generator, *, clip_x0, final
     grid = [*sigmas, 0.0]
     field = EpsField(model, schedule, METHODS[method].levels(grid), known, check_finite=check_finite)
     trajectory = [] if return_trajectory else None
-    # x̄ is made here and the field shows the model only a scaled copy: the solve may overwrite its states.
+    # x̄ is made here and the field shows the model only a scaled copy: the solve may overwrite its states. The
+    # grid comes from checked timesteps, so the solve is run directly, without integrate()'s checks of it.
     x0 = answer(solve(method, x_bar, grid, final_step=final_step, trajectory=trajectory, progress=progress,
                       own_states=True), field)
     if return_trajectory:  # in the model's coordinates x = x̄ / sqrt(1 + σ²)
@@ -728,7 +727,7 @@ def pilot_profile(model: Model, schedule: Schedule, x_pilot: Tensor, *, levels: 
 
     def recording(x_bar, sigma):
         eps = field(x_bar, sigma)
-        predictions.append(torch.add(x_bar, eps, alpha=-sigma))  # D = x̄ - σ ε
+        predictions.append(Evaluation(sigma, x_bar, eps).denoised)  # D = x̄ - σ ε
         return eps
 
     x_end = integrate(recording, x_pilot * math.sqrt(1 + sigmas[0] ** 2), sigmas, "euler")

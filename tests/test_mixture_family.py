@@ -32,14 +32,16 @@ def test_family_is_reproducible_and_seeds_differ():
         assert not torch.equal(a[name].means, c[name].means)
 
 
-def test_reference_solves_eq14_to_the_closed_form_for_one_gaussian():
-    """For one Gaussian N(μ, s² I), Eq 14's exact solution from x̄ at σ is x_0 = μ + (x̄ - μ) s / sqrt(s² + σ²)."""
+def test_reference_solves_eq14_to_the_closed_form_for_one_gaussian(sched):
+    """For one Gaussian N(μ, s² I), Eq 14's exact solution from x̄ at σ is x_0 = μ + (x̄ - μ) s / sqrt(s² + σ²);
+    the reference starts at σ = σ(T-1), x̄ = x_T sqrt(1 + σ²)."""
     from ddim_edu.evaluation.mixture_family import Kind
 
     m = random_mixture(Kind(3, 1, 0.05, 0.05), torch.Generator().manual_seed(4))
-    sigma = 80.0
-    x_bar = torch.randn(32, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * math.sqrt(1 + sigma**2)
-    x0, nfe = reference_x0(m, x_bar, sigma)
+    sigma = sched.sigma(float(sched.T - 1)).item()
+    x_T = torch.randn(32, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x_bar = x_T * math.sqrt(1 + sigma**2)
+    x0, nfe = reference_x0(m, sched, x_T)
     s, mu = m.stds[0, 0].item(), m.means[0]
     torch.testing.assert_close(x0, mu + (x_bar - mu) * s / math.sqrt(s**2 + sigma**2), rtol=0, atol=1e-7)
     assert nfe > 10

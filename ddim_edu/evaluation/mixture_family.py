@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..mixture import GaussianMixture
+from ..schedules import Schedule
 
 __all__ = ["KINDS", "Kind", "family", "random_mixture", "reference_x0"]
 
@@ -82,16 +83,18 @@ def family(seed: int = 0) -> dict[str, GaussianMixture]:
     return {name: random_mixture(kind, generator) for name, kind in KINDS.items()}
 
 
-def reference_x0(mixture: GaussianMixture, x_bar: Tensor, sigma_max: float, *, rtol: float = 1e-10,
+def reference_x0(mixture: GaussianMixture, schedule: Schedule, x_T: Tensor, *, rtol: float = 1e-10,
                  atol: float = 1e-10) -> tuple[Tensor, int]:
-    """x_0 from x̄ at ``sigma_max`` along Eq 14 with the exact field, by dopri5 to σ = 0 in float64.
+    """x_0 from ``x_T`` fed in at the last timestep T-1, along Eq 14 with the exact field, by dopri5 in float64.
 
-    Returns (x_0, the number of field evaluations). The field is defined down to σ = 0 (where x̄
-    is x_0), so the reference needs no last step of its own.
+    Returns (x_0, the number of field evaluations). The solve starts at x̄ = x_T sqrt(1 + σ_max²),
+    σ_max = σ(T-1), where every sampler of the library starts from the same x_T on a grid ending at
+    T-1; the field is defined down to σ = 0 (where x̄ is x_0), so it needs no last step of its own.
     """
     from torchdiffeq import odeint
 
+    sigma_max = schedule.sigma(float(schedule.T - 1)).item()
     f = mixture.probability_flow()
     span = torch.tensor([sigma_max, 0.0], dtype=torch.float64)
-    out = odeint(f, x_bar.to(torch.float64), span, rtol=rtol, atol=atol, method="dopri5")
+    out = odeint(f, x_T.to(torch.float64) * math.sqrt(1 + sigma_max**2), span, rtol=rtol, atol=atol, method="dopri5")
     return out[-1], f.nfe
