@@ -8,6 +8,11 @@ interpolation with the shipped digits model.
   per-dimension MSE with pixels in [0, 1] (the model's [-1, 1] halved), as the paper's Table 2,
   with its standard error over images, and the same after clamping the decoded digits to [-1, 1].
   An encode that raises :class:`~ddim_edu.solvers.ConvergenceError` is reported as such.
+- **Exact inversion** (``inversion="exact"``, for S in ``--exact-steps``): each upward step solved so that
+  DDIM's step maps it back, with the evaluations it costs. Where it does not converge, the report shows
+  why it may not: for the exact ε, DDIM's step Φ from σ(τ_2) down to σ(τ_1) has a Jacobian whose
+  symmetric part is at least ρ = σ(τ_1)/σ(τ_2) in every direction (so Φ is a bijection, see
+  :func:`ddim_edu.solvers.encode`); the network's is measured at each digit's explicit encode.
 - **Consistency** (Section 5.2): the same x_T decoded with DDIM at several S; the RMS difference
   of each to the S = 1000 decode, in [0, 1] pixels, over more x_T than the figure shows.
 - **Interpolation** (Section 5.3): two held-out digits encoded (S = 100), their latents joined by
@@ -38,34 +43,61 @@ from ddim_edu.evaluation.metrics import pixel_rms  # noqa: E402
 from ddim_edu.image.grids import show_rows  # noqa: E402
 from ddim_edu.image.pretrained import load_unet  # noqa: E402
 from ddim_edu.interpolation import slerp  # noqa: E402
+from ddim_edu.model import eps_at_sigma  # noqa: E402
 from ddim_edu.paper import TABLE2_RECONSTRUCTION_MSE  # noqa: E402
 from ddim_edu.schedules import linear_schedule  # noqa: E402
 from ddim_edu.solvers import ConvergenceError, encode, sample  # noqa: E402
 
 STEPS = (10, 20, 50, 100, 200, 500, 1000)
+EXACT_STEPS = (10, 20, 50, 100)
 CONSISTENCY_STEPS = (10, 20, 50, 100, 1000)
 PAIRS = ((0, 6), (1, 7), (3, 8))  # classes of the digits interpolated between (the first held-out digit of each)
-SMOKE = dict(n=8, steps=(2, 4, 8), consistency_steps=(2, 4, 8), consistency_n=8, shown=6, interpolation_steps=4,
+SMOKE = dict(n=8, steps=(2, 4, 8), exact_steps=(2, 4), consistency_steps=(2, 4, 8), consistency_n=8, shown=6, interpolation_steps=4,
              weights=5)
 
 
-def reconstruct(model, schedule, x0, S: int, spacing: str) -> dict:
-    """x_0 → x_T → x_0 on S timesteps of ``spacing``; the MSEs in [0, 1] pixels, or the encode's failure."""
+def reconstruct(model, schedule, x0, S: int, spacing: str, inversion: str = "explicit") -> dict:
+    """x_0 → x_T → x_0 on S timesteps of ``spacing``; the MSEs in [0, 1] pixels and the encode's evaluations,
+    or the encode's failure."""
     tau = schedule.timesteps(S, spacing)
-    start = time.perf_counter()
+    start, stats = time.perf_counter(), {}
     try:
-        x_T = encode(model, x0, schedule, tau, "euler")
+        x_T = encode(model, x0, schedule, tau, "euler", inversion=inversion, stats=stats)
     except ConvergenceError as err:
         return {"error": str(err), "seconds": time.perf_counter() - start}
     x_rec = sample(model, x_T, schedule, tau, method="ddim")
     seconds = time.perf_counter() - start
-    out = {"seconds": seconds, "evaluations": len(tau)}
+    out = {"seconds": seconds, "encode_nfe": stats["nfe"], "decode_nfe": len(tau)}
     for key, x in (("mse", x_rec), ("mse_clamped", x_rec.clamp(-1, 1))):
         per_image = ((x - x0) / 2).pow(2).flatten(1).mean(1)  # pixels in [0, 1]: (x + 1)/2
         out[key] = per_image.mean().item()
         out[key + "_se"] = (per_image.std() / math.sqrt(len(per_image))).item()
     out["x_T_std"] = x_T.std().item()
     return out
+
+
+def step_monotonicity(model, schedule, x0, S: int, spacing: str, chunk: int = 64) -> dict:
+    """How far the network's DDIM step Φ from σ_2 = σ(τ_2) down to σ_1 = σ(τ_1) is from monotone, per digit.
+
+    Φ(y) = y + (σ_1 - σ_2) ε_θ(y, σ_2). For the exact ε the symmetric part of its Jacobian is
+    ρ I + (1 - ρ) Cov[x_0 | y] / σ_2² ⪰ ρ I, ρ = σ_1 / σ_2 (see :func:`ddim_edu.solvers.encode`), which
+    makes Φ a bijection. Measured at each digit's explicit encode to σ_2 (the Euler step up from x̄_1):
+    the smallest eigenvalue of (J + Jᵀ)/2, and of how many digits it is below ρ or below 0.
+    """
+    tau = schedule.timesteps(S, spacing)
+    s_1, s_2 = schedule.sigma(tau[:2]).tolist()
+    x_bar = encode(model, x0, schedule, tau[:2], "euler")  # x̄ at σ_2 = x_T · sqrt(1 + σ_2²)
+    x_bar = x_bar * math.sqrt(1 + s_2 ** 2)
+    lowest = []
+    for part in x_bar.split(chunk):
+        def phi(y, n=len(part)):  # Φ of every digit in the chunk, summed over the chunk: its Jacobian holds each digit's
+            return (y + (s_1 - s_2) * eps_at_sigma(model, schedule, y, s_2)).sum(0).flatten()
+        jac = torch.autograd.functional.jacobian(phi, part, vectorize=True)  # [n_pixels, chunk, *shape]
+        jac = jac.flatten(2).transpose(0, 1).double()  # [chunk, out, in]
+        lowest.append(torch.linalg.eigvalsh((jac + jac.transpose(1, 2)) / 2)[:, 0])
+    lowest = torch.cat(lowest)
+    return {"rho": s_1 / s_2, "min": lowest.min().item(), "below_rho": int((lowest < s_1 / s_2).sum()),
+            "negative": int((lowest < 0).sum()), "n": len(lowest), "sigmas": (s_1, s_2), "timesteps": tau[:2].tolist()}
 
 
 def wrapped(title: str, fig) -> str:
@@ -77,6 +109,8 @@ def parse_args(argv=None):
     parser = parser_for(__doc__)
     parser.add_argument("--n", type=int, default=355, help="held-out digits reconstructed (default all 355)")
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
+    parser.add_argument("--exact-steps", type=int, nargs="+", default=list(EXACT_STEPS),
+                        help="S of the rows with exact inversion (default 10 20 50 100)")
     parser.add_argument("--spacing", default="uniform", help="τ (default the paper's uniform, which starts at t = 0)")
     parser.add_argument("--consistency-steps", type=int, nargs="+", default=list(CONSISTENCY_STEPS))
     parser.add_argument("--consistency-n", type=int, default=200, help="x_T for the consistency numbers (default 200)")
@@ -101,6 +135,13 @@ def main(argv=None) -> Path:
         print(f"S = {S}: " + (f"encode failed: {r['error']}" if "error" in r else
                               f"MSE {r['mse']:.3g} ± {r['mse_se']:.2g} (clamped {r['mse_clamped']:.3g}), {r['seconds']:.1f} s"),
               flush=True)
+    exact = {}
+    for S in args.exact_steps:
+        exact[S] = r = reconstruct(model, schedule, x0, S, args.spacing, inversion="exact")
+        print(f"S = {S}, exact: " + (f"encode failed: {r['error']}" if "error" in r else
+                                     f"MSE {r['mse']:.3g} ± {r['mse_se']:.2g}, {r['encode_nfe']} evaluations, "
+                                     f"{r['seconds']:.1f} s"), flush=True)
+    monotone = {S: step_monotonicity(model, schedule, x0, S, args.spacing) for S in args.exact_steps}
     table2_seconds = time.perf_counter() - start
 
     # consistency: the same x_T at several S
@@ -154,14 +195,44 @@ def main(argv=None) -> Path:
                                          f"{results[S]['mse']:.2e} ± {results[S]['mse_se']:.0e}" for S in args.steps) + " |",
         "| digits, DDIM, clamped | " + " | ".join("–" if "error" in results[S] else f"{results[S]['mse_clamped']:.2e}"
                                                  for S in args.steps) + " |",
+        "| digits, DDIM, exact inversion | " + " | ".join(
+            "–" if S not in exact else "no inverse found" if "error" in exact[S]
+            else f"{exact[S]['mse']:.2e} ± {exact[S]['mse_se']:.0e}" for S in args.steps) + " |",
         "| paper, CIFAR-10 (DDIM) | " + " | ".join(f"{TABLE2_RECONSTRUCTION_MSE[S]:g}" if S in TABLE2_RECONSTRUCTION_MSE
                                                   else "–" for S in args.steps) + " |",
+        "| encode's evaluations, explicit | " + " | ".join("–" if "error" in results[S] else str(results[S]["encode_nfe"])
+                                                         for S in args.steps) + " |",
+        "| encode's evaluations, exact | " + " | ".join(
+            "–" if S not in exact or "error" in exact[S] or "error" in results[S]
+            else f"{exact[S]['encode_nfe']} ({exact[S]['encode_nfe'] / results[S]['encode_nfe']:.1f}×)"
+            for S in args.steps) + " |",
         "",
     ]
     if failed:
         lines += ["Encodes that failed: " + "; ".join(f"S = {S}: {results[S]['error']}" for S in failed) + ".", ""]
     else:
         lines += [f"Every encode converged (S = {', '.join(map(str, args.steps))}).", ""]
+    converged = [S for S in args.exact_steps if "error" not in exact[S] and S in results and "error" not in results[S]]
+    lines += [("Exact inversion (`encode(..., inversion=\"exact\")`, default tolerance, the decode unchanged)"
+               + (": " + "; ".join(f"S = {S}: MSE {exact[S]['mse']:.2e} against {results[S]['mse']:.2e} explicit "
+                                   f"({results[S]['mse'] / exact[S]['mse']:.2g}× lower) for {exact[S]['encode_nfe']} "
+                                   f"encode evaluations instead of {results[S]['encode_nfe']}" for S in converged)
+                  if converged else " converged at no S")
+               + "." + "".join(f" At S = {S}: {exact[S]['error']}." for S in args.exact_steps if "error" in exact[S])), ""]
+    lines += [
+        ("The exact ε's guarantee does not cover the network: for the exact ε, DDIM's step Φ(y) = y + (σ_1 − σ_2) "
+         "ε(y, σ_2) from σ_2 = σ(τ_2) down to σ_1 = σ(τ_1) has a Jacobian whose symmetric part is at least ρ = σ_1/σ_2 "
+         "in every direction, which makes Φ a bijection (`encode`'s docstring), so every step has exactly one "
+         "inverse. The network's Jacobian, at each digit's explicit encode to σ_2 (autograd, smallest eigenvalue "
+         "of (J + Jᵀ)/2), against whether the exact encode found the inverse:"),
+        "",
+        "| S | τ_1 → τ_2 | σ_1 → σ_2 | ρ | smallest eigenvalue | digits below ρ | digits below 0 | exact inverse |",
+        "|---|---|---|---|---|---|---|---|",
+        *(f"| {S} | {m['timesteps'][0]:g} → {m['timesteps'][1]:g} | {m['sigmas'][0]:.3g} → {m['sigmas'][1]:.3g} | "
+          f"{m['rho']:.3f} | {m['min']:.3f} | {m['below_rho']} of {m['n']} | {m['negative']} of {m['n']} | "
+          + ("not found" if "error" in exact[S] else "found") + " |" for S, m in monotone.items()),
+        "",
+    ]
     if len(ok) >= 2:
         lo, hi = ok[0], ok[-1]
         ratio = [f"S = {S}: {results[S]['mse'] / TABLE2_RECONSTRUCTION_MSE[S]:.2g}×" for S in ok if S in TABLE2_RECONSTRUCTION_MSE]
@@ -198,6 +269,9 @@ def main(argv=None) -> Path:
     if ok:
         ax.errorbar(ok, [results[S]["mse"] for S in ok], yerr=[results[S]["mse_se"] for S in ok], fmt="o-",
                     capsize=3, label=f"digits: DDIM encode → decode, {args.n} held-out digits")
+    if converged:
+        ax.errorbar(converged, [exact[S]["mse"] for S in converged], yerr=[exact[S]["mse_se"] for S in converged],
+                    fmt="s--", capsize=3, label="digits: exact inversion (inversion=\"exact\")")
     paper = [S for S in args.steps if S in TABLE2_RECONSTRUCTION_MSE]
     ax.plot(paper, [TABLE2_RECONSTRUCTION_MSE[S] for S in paper], "k:s", mfc="none", label="paper: CIFAR-10 (DDIM)")
     ax.set_xscale("log")
