@@ -43,10 +43,9 @@ from ddim_edu.evaluation.metrics import pixel_rms  # noqa: E402
 from ddim_edu.image.grids import show_rows  # noqa: E402
 from ddim_edu.image.pretrained import load_unet  # noqa: E402
 from ddim_edu.interpolation import slerp  # noqa: E402
-from ddim_edu.model import eps_at_sigma  # noqa: E402
 from ddim_edu.paper import TABLE2_RECONSTRUCTION_MSE  # noqa: E402
 from ddim_edu.schedules import linear_schedule  # noqa: E402
-from ddim_edu.solvers import ConvergenceError, encode, sample  # noqa: E402
+from ddim_edu.solvers import ConvergenceError, encode, sample, step_monotonicity  # noqa: E402
 
 STEPS = (10, 20, 50, 100, 200, 500, 1000)
 EXACT_STEPS = (10, 20, 50, 100)
@@ -76,26 +75,13 @@ def reconstruct(model, schedule, x0, S: int, spacing: str, inversion: str = "exp
     return out
 
 
-def step_monotonicity(model, schedule, x0, S: int, spacing: str, chunk: int = 64) -> dict:
-    """How far the network's DDIM step Φ from σ_2 = σ(τ_2) down to σ_1 = σ(τ_1) is from monotone, per digit.
-
-    Φ(y) = y + (σ_1 - σ_2) ε_θ(y, σ_2). For the exact ε the symmetric part of its Jacobian is
-    ρ I + (1 - ρ) Cov[x_0 | y] / σ_2² ⪰ ρ I, ρ = σ_1 / σ_2 (see :func:`ddim_edu.solvers.encode`), which
-    makes Φ a bijection. Measured at each digit's explicit encode to σ_2 (the Euler step up from x̄_1):
-    the smallest eigenvalue of (J + Jᵀ)/2, and of how many digits it is below ρ or below 0.
-    """
+def monotonicity_report(model, schedule, x0, S: int, spacing: str) -> dict:
+    """:func:`ddim_edu.solvers.step_monotonicity` of DDIM's step σ(τ_2) → σ(τ_1) at each digit's explicit encode
+    to σ(τ_2) (the Euler step up from x̄_1): the smallest value, and at how many digits it is below ρ or below 0."""
     tau = schedule.timesteps(S, spacing)
     s_1, s_2 = schedule.sigma(tau[:2]).tolist()
-    x_bar = encode(model, x0, schedule, tau[:2], "euler")  # x̄ at σ_2 = x_T · sqrt(1 + σ_2²)
-    x_bar = x_bar * math.sqrt(1 + s_2 ** 2)
-    lowest = []
-    for part in x_bar.split(chunk):
-        def phi(y, n=len(part)):  # Φ of every digit in the chunk, summed over the chunk: its Jacobian holds each digit's
-            return (y + (s_1 - s_2) * eps_at_sigma(model, schedule, y, s_2)).sum(0).flatten()
-        jac = torch.autograd.functional.jacobian(phi, part, vectorize=True)  # [n_pixels, chunk, *shape]
-        jac = jac.flatten(2).transpose(0, 1).double()  # [chunk, out, in]
-        lowest.append(torch.linalg.eigvalsh((jac + jac.transpose(1, 2)) / 2)[:, 0])
-    lowest = torch.cat(lowest)
+    x_bar = encode(model, x0, schedule, tau[:2], "euler") * math.sqrt(1 + s_2 ** 2)  # x̄ = x_T sqrt(1 + σ²)
+    lowest = step_monotonicity(model, schedule, x_bar, s_2, s_1)
     return {"rho": s_1 / s_2, "min": lowest.min().item(), "below_rho": int((lowest < s_1 / s_2).sum()),
             "negative": int((lowest < 0).sum()), "n": len(lowest), "sigmas": (s_1, s_2), "timesteps": tau[:2].tolist()}
 
@@ -141,7 +127,7 @@ def main(argv=None) -> Path:
         print(f"S = {S}, exact: " + (f"encode failed: {r['error']}" if "error" in r else
                                      f"MSE {r['mse']:.3g} ± {r['mse_se']:.2g}, {r['encode_nfe']} evaluations, "
                                      f"{r['seconds']:.1f} s"), flush=True)
-    monotone = {S: step_monotonicity(model, schedule, x0, S, args.spacing) for S in args.exact_steps}
+    monotone = {S: monotonicity_report(model, schedule, x0, S, args.spacing) for S in args.exact_steps}
     table2_seconds = time.perf_counter() - start
 
     # consistency: the same x_T at several S

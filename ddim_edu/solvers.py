@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .forward import check_eta
-from .model import EpsField, Field, Model, is_finite
+from .model import EpsField, Field, Model, eps_at_sigma, is_finite
 from .ode import probability_flow
 from .sampling import check_x, ddim_requests, drive, run_steps, sigma_hat_requests
 from .schedules import Schedule
@@ -1018,6 +1018,31 @@ def encode(model: Model, x0: Tensor, schedule: Schedule, timesteps, method: str 
     if stats is not None:
         stats.update(nfe=nfe, iterations=iterations)
     return x_bar / math.sqrt(1 + sigmas[-1] ** 2)
+
+
+def step_monotonicity(model: Model, schedule: Schedule, x_bar: Tensor, sigma_b: float, sigma_a: float, *,
+                      chunk: int = 64) -> Tensor:
+    """How monotone DDIM's step from σ_b down to σ_a < σ_b is at x̄ [B, …]: per sample, the smallest
+    eigenvalue of the symmetric part (J + Jᵀ)/2 of the Jacobian J of Φ(y) = y + (σ_a - σ_b) ε_θ(y, σ_b).
+
+    For the exact ε, J = ρ I + (1 - ρ) Cov[x_0 | y] / σ_b², ρ = σ_a / σ_b (:func:`encode`), so the
+    value is at least ρ everywhere, and that makes Φ a bijection: exact inversion has one answer
+    per step. A network's ε carries no such guarantee; a value below ρ (or below 0) at some x̄ says
+    the argument does not hold for it there. Autograd, ``chunk`` samples at a time (Φ acts on each
+    sample alone, so the Jacobian of its sum over a chunk holds every sample's); float64 eigenvalues.
+    """
+    if not 0 < sigma_a < sigma_b:
+        raise ValueError(f"need 0 < sigma_a < sigma_b (a step down from sigma_b), got sigma_b={sigma_b}, sigma_a={sigma_a}")
+    lowest = []
+    for part in x_bar.split(chunk):
+        def phi(y):  # Φ of each sample, summed over the chunk: d(Σ_b Φ_b)_i / d y_b = (J_b)_i
+            return (y + (sigma_a - sigma_b) * eps_at_sigma(model, schedule, y, sigma_b)).sum(0).flatten()
+
+        with torch.enable_grad():
+            jac = torch.autograd.functional.jacobian(phi, part, vectorize=True)  # [n, chunk, *shape]
+        jac = jac.flatten(2).transpose(0, 1).double()  # [chunk, n out, n in]
+        lowest.append(torch.linalg.eigvalsh((jac + jac.transpose(1, 2)) / 2)[:, 0])
+    return torch.cat(lowest)
 
 
 def _gaussian_gain(method: str, s_b: float, s_a: float, c: float) -> float:

@@ -64,21 +64,3 @@ def test_solvers_smoke_writes_rmse_and_data_distance_tables(tmp_path):
     check_report(md, ["digits_solvers.png"], tables=2 * 16)
     assert "DPM-Solver++(2M), diffusers stock" in md.read_text()
 
-
-def test_step_monotonicity_finds_the_exact_eps_bound_on_mixtures():
-    """For the exact ε the symmetric part of the Jacobian of DDIM's step σ(τ_2) → σ(τ_1) is at least
-    ρ = σ(τ_1)/σ(τ_2) (Cov[x_0 | x̄] ⪰ 0), the bound the Table 2 report holds the network to: the report's
-    autograd Jacobian finds it on every member of the mixture family, nearly tight (within 5 %) on 64d-many-aniso."""
-    from ddim_edu.evaluation.mixture_family import family
-    from ddim_edu.schedules import linear_schedule
-
-    spec = importlib.util.spec_from_file_location("bench_digits_reconstruction", BENCHMARKS / "digits_reconstruction.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sched, ratios = linear_schedule(), []
-    for mixture in family(0).values():
-        x0 = mixture.sample(16, generator=torch.Generator().manual_seed(0))
-        m = module.step_monotonicity(mixture.eps_model(sched), sched, x0, 2, "uniform", chunk=5)
-        assert m["timesteps"] == [0.0, 500.0] and m["below_rho"] == m["negative"] == 0 and m["n"] == 16, m
-        ratios.append(m["min"] / m["rho"])
-    assert min(ratios) >= 1 - 1e-9 and min(ratios) < 1.05, ratios

@@ -557,6 +557,34 @@ def test_exact_encode_round_trips_every_member_of_the_mixture_family(sched, spac
     assert max(ratios.values()) <= bound, ratios
 
 
+def test_step_monotonicity_is_the_closed_form_on_gaussian_data_and_at_least_rho_on_mixtures(sched):
+    """DDIM's step Φ(y) = y + (σ_a - σ_b) ε(y, σ_b) on N(m, diag(a)) data is linear with the diagonal Jacobian
+    (a_i + σ_a σ_b)/(a_i + σ_b²): the smallest is returned at every x̄. For the exact ε of a mixture the symmetric
+    part is ρ I + (1 - ρ) Cov[x_0 | y]/σ_b² ⪰ ρ I, ρ = σ_a/σ_b: on every member of the family, at the explicit
+    encodes of its own samples, the value is at least ρ and nearly reaches it (within 5 %) on one."""
+    from ddim_edu.evaluation.mixture_family import family
+    from ddim_edu.solvers import step_monotonicity
+
+    a = torch.tensor([0.01, 0.3, 1.5], dtype=torch.float64) ** 2
+    gaussian = GaussianMixture(torch.tensor([[0.4, -1.0, 0.2]], dtype=torch.float64), a.sqrt()[None])
+    s_b, s_a = 0.8, 0.1
+    x_bar = torch.randn(10, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    value = step_monotonicity(gaussian.eps_model(sched), sched, x_bar, s_b, s_a, chunk=3)
+    torch.testing.assert_close(value, ((a + s_a * s_b) / (a + s_b**2)).min().expand(10), rtol=1e-10, atol=0)
+
+    tau = sched.timesteps(2, "uniform")
+    s_1, s_2 = sched.sigma(tau).tolist()
+    ratios = []
+    for mixture in family(0).values():
+        model = mixture.eps_model(sched)
+        x0 = mixture.sample(16, generator=torch.Generator().manual_seed(0))
+        x_bar = encode(model, x0, sched, tau, "euler") * math.sqrt(1 + s_2**2)
+        ratios.append(step_monotonicity(model, sched, x_bar, s_2, s_1, chunk=5).min().item() / (s_1 / s_2))
+    assert min(ratios) >= 1 - 1e-9 and min(ratios) < 1.05, ratios
+    with pytest.raises(ValueError, match="need 0 < sigma_a < sigma_b"):
+        step_monotonicity(model, sched, x_bar, s_1, s_2)
+
+
 def test_fixed_point_is_safeguarded_on_a_knee_and_stops_each_sample_on_its_own():
     """A hard step of DDIM inversion has a residual that is flat on the mode's side of its root and steep beyond
     (the posterior over modes switching), as F(y) = 0.05 y + sigmoid(40 (y - 1)) - c, monotone, roots from 0.4
