@@ -31,7 +31,7 @@ from .image.generate import FRACTIONAL_SPACINGS, generate, load_images, toleranc
 from .image.pretrained import load_unet, read_unet_config
 from .image.training import CHECKPOINT_WEIGHTS, load_checkpoint_unet
 from .image.unet import UNet
-from .schedules import PROFILE_SPACINGS, SPACINGS
+from .schedules import MODEL_FREE_SPACINGS
 from .solvers import ADAPTIVE, FINAL_STEPS, check_options, method_listing
 from .utils.files import FolderInUse
 from .utils.signals import sigterm_as_keyboard_interrupt
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"relative tolerance of an adaptive solver ({', '.join(ADAPTIVE)}; default {default_tols['rtol']:g})")
     s.add_argument("--atol", type=float, default=None,
                    help=f"absolute tolerance of an adaptive solver (default {default_tols['atol']:g})")
-    s.add_argument("--spacing", default="uniform", choices=[s for s in SPACINGS if s not in PROFILE_SPACINGS],
+    s.add_argument("--spacing", default="uniform", choices=MODEL_FREE_SPACINGS,
                    help="how τ is chosen (default uniform: range(0, T, T // S), the paper's code; leading: its first S "
                         "entries; quad: the paper's CIFAR-10 τ; trailing: ends at T-1; linear, karras, logsnr: "
                         "fractional grids for the ODE methods)")

@@ -28,7 +28,7 @@ import torch
 
 from .evaluation.metrics import energy_distance, mmd_rbf
 from .paper import SIGMA_HAT, table1_row_label
-from .schedules import PROFILE_SPACINGS, SPACINGS, linear_schedule
+from .schedules import MODEL_FREE_SPACINGS, linear_schedule
 from .solvers import sample
 from .toy.datasets import DATASETS, load_frozen
 from .toy.nets import MLPEps
@@ -183,7 +183,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--train-steps", type=int, default=8000)
     parser.add_argument("--n-samples", type=int, default=2000, help="samples per cell (and held-out points used)")
-    parser.add_argument("--spacing", default="uniform", choices=[s for s in SPACINGS if s not in PROFILE_SPACINGS],
+    parser.add_argument("--spacing", default="uniform", choices=MODEL_FREE_SPACINGS,
                         help="sub-sequence τ; 'uniform' is the paper's (starts at t = T - T/S)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fast", action="store_true", help="a few seconds: tiny training, S ≤ 20 (for tests)")

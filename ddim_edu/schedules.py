@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CALIBRATED_GRID", "PROFILE_SPACINGS", "SPACINGS", "Schedule", "calibrated_blend", "cosine_schedule", "karras_sigmas",
+__all__ = ["CALIBRATED_GRID", "MODEL_FREE_SPACINGS", "PROFILE_SPACINGS", "SPACINGS", "Schedule", "calibrated_blend", "cosine_schedule", "karras_sigmas",
            "linear_schedule"]
 
 SPACINGS = ("uniform", "leading", "quad", "trailing", "linear", "karras", "logsnr", "blend", "calibrated", "equalised")
 PROFILE_SPACINGS = ("equalised",)  # need a model's pilot profile (ddim_edu.solvers.pilot_profile)
+MODEL_FREE_SPACINGS = tuple(s for s in SPACINGS if s not in PROFILE_SPACINGS)  # made from S alone (a command line's choices)
 
 # The "calibrated" grid: a "blend" (weight w, t_min) at three anchors S, fitted by
 # benchmarks/calibrate_grid.py on mixtures of the kinds of ddim_edu.evaluation.mixture_family drawn
