@@ -195,9 +195,9 @@ def main(argv=None) -> Path:
         "",
     ]
     if failed:
-        lines += ["Encodes that failed: " + "; ".join(f"S = {S}: {results[S]['error']}" for S in failed) + ".", ""]
+        lines += ["Explicit encodes that failed: " + "; ".join(f"S = {S}: {results[S]['error']}" for S in failed) + ".", ""]
     else:
-        lines += [f"Every encode converged (S = {', '.join(map(str, args.steps))}).", ""]
+        lines += [f"Every explicit encode converged (S = {', '.join(map(str, args.steps))}).", ""]
     converged = [S for S in args.exact_steps if "error" not in exact[S] and S in results and "error" not in results[S]]
     lines += [("Exact inversion (`encode(..., inversion=\"exact\")`, default tolerance, the decode unchanged)"
                + (": " + "; ".join(f"S = {S}: MSE {exact[S]['mse']:.2e} against {results[S]['mse']:.2e} explicit "
