@@ -319,13 +319,18 @@ def frechet(mu1, sigma1, mu2, sigma2):
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * root_trace)
 
 
+def step_gain(c, s_a, s_b):
+    return (c + s_a * s_b) / (c + s_b**2)
+
+
 def sigma_hat(alpha, alpha_prev):
     return torch.sqrt(1 - alpha / alpha_prev)
 
 
 @pytest.mark.parametrize("check, answer", [
     (ex.check_encode_first_step, first_step), (ex.check_encode_decode, euler_round_trip), (ex.check_slerp, slerp),
-    (ex.check_frechet_distance, frechet), (ex.check_sigma_hat, sigma_hat)], ids=lambda v: getattr(v, "__name__", ""))
+    (ex.check_step_gain, step_gain), (ex.check_frechet_distance, frechet), (ex.check_sigma_hat, sigma_hat)],
+    ids=lambda v: getattr(v, "__name__", ""))
 def test_notebook_06_07_right_answers_are_told_right(check, answer):
     verdict = check(answer)
     assert verdict and str(verdict).startswith("✔") and "≤ 1e-10" in str(verdict), verdict
@@ -334,11 +339,13 @@ def test_notebook_06_07_right_answers_are_told_right(check, answer):
 
 def test_the_encoding_checkers_report_what_they_measured():
     """The first step's verdict measures how far the sampler's last step lands from x_0; the grids' verdict measures
-    the round trip of both pairings and says for each whether the other grid adds or removes error."""
+    the round trip of both pairings and says for each whether the other grid adds or removes error; the step gain's
+    verdict says that every gain is at least ρ."""
     assert "would miss by" in ex.check_encode_first_step(first_step).measured
     measured = ex.check_encode_decode(euler_round_trip).measured
     assert "S = 10 latents on the S = 50 grid" in measured and "S = 50 latents on the S = 10 grid" in measured
     assert measured.count(" error (") == 2
+    assert "every g ≥ ρ = σ_a/σ_b: True" in ex.check_step_gain(step_gain).measured
 
 
 def grids(pick):
@@ -366,6 +373,9 @@ def sqrtm(a):
     (ex.check_encode_decode, grids(lambda e, d: (d, d)), "encode on tau_enc"),
     (ex.check_encode_decode, grids(lambda e, d: (d, e)), "swapped"),
     (ex.check_encode_decode, lambda m, x0, sch, te, td: encode(m, x0, sch, te), "that is the latent"),
+    (ex.check_step_gain, lambda c, s_a, s_b: s_a / s_b, "the limit of data at one point"),
+    (ex.check_step_gain, lambda c, s_a, s_b: (c + s_a * s_b) / (c + s_a**2), "at the level it starts from"),
+    (ex.check_step_gain, lambda c, s_a, s_b: 1 + (s_b - s_a) * s_b / (c + s_b**2), "the step goes down"),
     (ex.check_slerp, lambda a, b, w: (1 - w) * a + w * b, "linear interpolation"),
     (ex.check_slerp, lambda a, b, w: slerp(a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True), w),
      "normalise only to compute the angle"),
