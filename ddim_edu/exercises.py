@@ -641,35 +641,35 @@ def check_slerp(fn: Callable) -> Verdict:
 
 
 def check_step_gain(fn: Callable) -> Verdict:
-    """DDIM's step Φ(y) = y + (σ_a − σ_b) ε(y, σ_b) from σ_b down to σ_a < σ_b, on data N(0, c I): ε is linear in y
-    there, so Φ(y) = g y; ``fn(c, s_a, s_b)`` (float64 tensors [n]) must return g.
+    """DDIM's step Φ(y) = y + (σ_a − σ_b) ε(y, σ_b) from σ_b down to σ_a < σ_b, on data N(0, v I): ε is linear in y
+    there, so Φ(y) = g y; ``fn(v, s_a, s_b)`` (float64 tensors [n]) must return g.
 
     Compared with :func:`ddim_edu.solvers.step_monotonicity` (an autograd Jacobian of the library's step on the
-    exact ε of such data, whose eigenvalues all equal g) at 12 draws of c from 1e-3 to 10 and σ_a < σ_b from
+    exact ε of such data, whose eigenvalues all equal g) at 12 draws of v from 1e-3 to 10 and σ_a < σ_b from
     0.03 to 30; the verdict also says whether every g is at least ρ = σ_a/σ_b, the bound of notebook 06.
     """
     from .solvers import step_monotonicity
 
     schedule = linear_schedule()
     g = _generator(16)
-    c = 10 ** (4 * torch.rand(12, generator=g, dtype=torch.float64) - 3)
+    v = 10 ** (4 * torch.rand(12, generator=g, dtype=torch.float64) - 3)
     s_b = 10 ** (3 * torch.rand(12, generator=g, dtype=torch.float64) - 1.5)
     s_a = s_b * (0.05 + 0.9 * torch.rand(12, generator=g, dtype=torch.float64))
     x_bar = torch.randn(1, 2, generator=g, dtype=torch.float64)
     expected = torch.stack([
-        step_monotonicity(GaussianMixture(torch.zeros(1, 2, dtype=torch.float64), torch.full((1, 2), ci ** 0.5, dtype=torch.float64))
+        step_monotonicity(GaussianMixture(torch.zeros(1, 2, dtype=torch.float64), torch.full((1, 2), vi ** 0.5, dtype=torch.float64))
                           .eps_model(schedule), schedule, x_bar, sb, sa)[0]
-        for ci, sa, sb in zip(c.tolist(), s_a.tolist(), s_b.tolist())])
-    verdict = _compare("the gain of DDIM's step on Gaussian data", lambda: fn(c.clone(), s_a.clone(), s_b.clone()),
+        for vi, sa, sb in zip(v.tolist(), s_a.tolist(), s_b.tolist())])
+    verdict = _compare("the gain of DDIM's step on Gaussian data", lambda: fn(v.clone(), s_a.clone(), s_b.clone()),
                        expected,
-                       "for N(0, c I) the x_0 prediction is D = c/(c + σ²)·x̄, so ε = (x̄ − D)/σ = σ x̄/(c + σ²); "
-                       "then Φ(y) = y + (σ_a − σ_b)·σ_b y/(c + σ_b²) = g y",
-                       {"that is ρ = σ_a/σ_b, the limit of data at one point (c → 0): ε(y, σ_b) = σ_b y/(c + σ_b²) "
-                        "carries the data's variance c": s_a / s_b,
-                        "Φ evaluates ε at the level it starts from, σ_b, not at σ_a: ε(y, σ_b) = σ_b y/(c + σ_b²)":
-                        (c + s_a * s_b) / (c + s_a**2),
+                       "for N(0, v I) the x_0 prediction is D = v/(v + σ²)·x̄, so ε = (x̄ − D)/σ = σ x̄/(v + σ²); "
+                       "then Φ(y) = y + (σ_a − σ_b)·σ_b y/(v + σ_b²) = g y",
+                       {"that is ρ = σ_a/σ_b, the limit of data at one point (v → 0): ε(y, σ_b) = σ_b y/(v + σ_b²) "
+                        "carries the data's variance v": s_a / s_b,
+                        "Φ evaluates ε at the level it starts from, σ_b, not at σ_a: ε(y, σ_b) = σ_b y/(v + σ_b²)":
+                        (v + s_a * s_b) / (v + s_a**2),
                         "the step goes down, from σ_b to σ_a < σ_b: Φ(y) = y + (σ_a − σ_b) ε(y, σ_b), a factor below 1":
-                        1 + (s_b - s_a) * s_b / (c + s_b**2)})
+                        1 + (s_b - s_a) * s_b / (v + s_b**2)})
     if verdict:
         above = bool((expected >= s_a / s_b).all())
         verdict = Verdict(verdict.exercise, True, f"{verdict.measured}; every g ≥ ρ = σ_a/σ_b: {above}")

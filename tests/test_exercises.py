@@ -319,8 +319,8 @@ def frechet(mu1, sigma1, mu2, sigma2):
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * root_trace)
 
 
-def step_gain(c, s_a, s_b):
-    return (c + s_a * s_b) / (c + s_b**2)
+def step_gain(v, s_a, s_b):
+    return (v + s_a * s_b) / (v + s_b**2)
 
 
 def sigma_hat(alpha, alpha_prev):
@@ -373,9 +373,9 @@ def sqrtm(a):
     (ex.check_encode_decode, grids(lambda e, d: (d, d)), "encode on tau_enc"),
     (ex.check_encode_decode, grids(lambda e, d: (d, e)), "swapped"),
     (ex.check_encode_decode, lambda m, x0, sch, te, td: encode(m, x0, sch, te), "that is the latent"),
-    (ex.check_step_gain, lambda c, s_a, s_b: s_a / s_b, "the limit of data at one point"),
-    (ex.check_step_gain, lambda c, s_a, s_b: (c + s_a * s_b) / (c + s_a**2), "at the level it starts from"),
-    (ex.check_step_gain, lambda c, s_a, s_b: 1 + (s_b - s_a) * s_b / (c + s_b**2), "the step goes down"),
+    (ex.check_step_gain, lambda v, s_a, s_b: s_a / s_b, "the limit of data at one point"),
+    (ex.check_step_gain, lambda v, s_a, s_b: (v + s_a * s_b) / (v + s_a**2), "at the level it starts from"),
+    (ex.check_step_gain, lambda v, s_a, s_b: 1 + (s_b - s_a) * s_b / (v + s_b**2), "the step goes down"),
     (ex.check_slerp, lambda a, b, w: (1 - w) * a + w * b, "linear interpolation"),
     (ex.check_slerp, lambda a, b, w: slerp(a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True), w),
      "normalise only to compute the angle"),
