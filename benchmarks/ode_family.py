@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from ddim_edu.evaluation.mixture_family import KINDS, family, reference_x0
+from ddim_edu.evaluation.mixture_family import KINDS, family, point_errors, reference_x0
 from ddim_edu.solvers import pilot_profile
 from ode_accuracy import GRIDS as FIXED_GRIDS, OURS, integer_grid, make_peer, rmse, run_ours, run_peer
 
@@ -34,15 +34,6 @@ PILOT_POINTS, PILOT_LEVELS = 16, 60  # the equalised grid's pilot: its own x_T (
 PEERS = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
 METRICS = {"rmse": "RMSE", "median": "median point's error (Euclidean)"}
 SHORT = {"DPMSolverMultistepScheduler": "DPM-Solver++(2M)", "UniPCMultistepScheduler": "UniPC"}
-
-
-def point_stats(x, ref, means) -> dict:
-    """Beyond the RMSE: the median point's error (Euclidean, per point), how many points end nearest another mode's
-    mean than the reference's (``switched``), and the share of the squared error they carry."""
-    err = (x - ref).pow(2).sum(1)
-    switched = torch.cdist(x, means).argmin(1) != torch.cdist(ref, means).argmin(1)
-    return dict(median=err.sqrt().median().item(), switched=int(switched.sum()),
-                switched_share=(err[switched].sum() / err.sum().clamp_min(1e-300)).item())
 
 
 def run_member(name, mixture, schedule, n_points, peers_available, int_grids):
@@ -66,14 +57,14 @@ def run_member(name, mixture, schedule, n_points, peers_available, int_grids):
             for g in GRIDS:
                 x0, _, nfe = run_ours(model, x_T, schedule, method, g, target, make=makes[g])
                 rows.append(dict(member=name, kind="ours", method=method, grid=g, target=target, nfe=nfe, rmse=rmse(x0, x0_ref),
-                                 **point_stats(x0, x0_ref, mixture.means)))
+                                 **point_errors(x0, x0_ref, mixture.means)))
         for peer in PEERS if peers_available else ():
             runs = [("stock", "stock", make_peer(peer, schedule, S=target))]
             runs += [("grid", g, make_peer(peer, schedule, timesteps=int_grids[g, target])) for g in GRIDS]
             for kind, g, sched in runs:
                 x0, _, nfe = run_peer(sched, model, x_T)
                 rows.append(dict(member=name, kind=kind, method=peer, grid=g, target=target, nfe=nfe, rmse=rmse(x0, x0_ref),
-                                 **point_stats(x0, x0_ref, mixture.means)))
+                                 **point_errors(x0, x0_ref, mixture.means)))
     return rows, {"ref_nfe": ref_nfe, "ref_vs_1e-8": rmse(loose, x0_ref)}
 
 

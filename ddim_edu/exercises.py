@@ -372,11 +372,11 @@ def check_gaussian_last_step(fn: Callable) -> Verdict:
 
     mean = torch.tensor([0.4, -1.0, 0.2], dtype=torch.float64)
     widths = torch.tensor([0.01, 0.3, 1.5], dtype=torch.float64)
-    data = GaussianMixture(mean[None], widths[None])
+    eps = _ring_field(GaussianMixture(mean[None], widths[None]))  # the exact ε(x̄, σ)
     s_1, s_2 = 0.05, 0.4
     x_2 = mean + torch.randn(16, 3, generator=_generator(8), dtype=torch.float64) * torch.sqrt(widths**2 + s_2**2)
     x_1 = mean + (x_2 - mean) * torch.sqrt((widths**2 + s_1**2) / (widths**2 + s_2**2))  # Eq 14's path, σ_2 → σ_1
-    e_1, e_2 = (Evaluation(s, x, data.eps(x / math.sqrt(1 + s**2), 1 / (1 + s**2))) for s, x in ((s_1, x_1), (s_2, x_2)))
+    e_1, e_2 = (Evaluation(s, x, eps(x, s)) for s, x in ((s_1, x_1), (s_2, x_2)))
     args = (e_1.denoised, e_1.eps, s_1, e_2.denoised, e_2.eps, s_2, x_1)
     a_wrong = (e_1.denoised - e_2.denoised) / (e_1.eps - e_2.eps)  # ε not divided by its σ, here and in μ
     mean_wrong = e_1.denoised - a_wrong * e_1.eps

@@ -267,7 +267,6 @@ class Schedule:
                 tau = self._equalised(S, profile, t_min)
             else:
                 logsnr = self.t_from_sigma(torch.exp(torch.log(lo) + u * (torch.log(hi) - torch.log(lo))))
-                logsnr[0], logsnr[-1] = t_min, T - 1
                 tau = logsnr if spacing == "logsnr" else (1 - weight) * linear + weight * logsnr  # blend: point by point
             tau[0], tau[-1] = t_min, T - 1  # exact ends despite rounding in the inverse
         else:

@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .forward import check_eta
-from .model import EpsField, Field, Model, eps_at_sigma, is_finite
+from .model import EpsField, Field, Model, is_finite
 from .ode import probability_flow
 from .sampling import check_x, ddim_requests, drive, run_steps, sigma_hat_requests
 from .schedules import Schedule
@@ -1033,10 +1033,11 @@ def step_monotonicity(model: Model, schedule: Schedule, x_bar: Tensor, sigma_b: 
     """
     if not 0 < sigma_a < sigma_b:
         raise ValueError(f"need 0 < sigma_a < sigma_b (a step down from sigma_b), got sigma_b={sigma_b}, sigma_a={sigma_a}")
+    field = EpsField(model, schedule, [sigma_b])
     lowest = []
     for part in x_bar.split(chunk):
-        def phi(y):  # Φ of each sample, summed over the chunk: d(Σ_b Φ_b)_i / d y_b = (J_b)_i
-            return (y + (sigma_a - sigma_b) * eps_at_sigma(model, schedule, y, sigma_b)).sum(0).flatten()
+        def phi(y):  # Φ, sample's Euler step σ_b → σ_a, summed over the chunk: d(Σ_b Φ_b)_i / d y_b = (J_b)_i
+            return answer(solve("euler", y, [sigma_b, sigma_a]), field).sum(0).flatten()
 
         with torch.enable_grad():
             jac = torch.autograd.functional.jacobian(phi, part, vectorize=True)  # [n, chunk, *shape]

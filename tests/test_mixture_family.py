@@ -52,3 +52,16 @@ def test_ring_needs_two_dimensions():
 
     with pytest.raises(ValueError, match="a ring is 2-D"):
         random_mixture(Kind(3, 4, 0.1, 0.1, ring=True), torch.Generator())
+
+
+def test_point_errors_counts_the_points_on_another_mode_and_their_share():
+    """Two modes at ±1: of five points, one ends on the other mode (a miss of 2), the others miss by 0.1 to 0.4;
+    the median miss is 0.3, and the switched point carries 4/(4 + 0.3) of the squared error."""
+    from ddim_edu.evaluation.mixture_family import point_errors
+
+    means = torch.tensor([[-1.0], [1.0]], dtype=torch.float64)
+    ref = torch.tensor([[-1.0], [-1.0], [1.0], [1.0], [-1.0]], dtype=torch.float64)
+    x = ref + torch.tensor([[0.1], [2.0], [-0.2], [0.3], [-0.4]], dtype=torch.float64)
+    out = point_errors(x, ref, means)
+    assert out["switched"] == 1 and out["median"] == pytest.approx(0.3)
+    assert out["switched_share"] == pytest.approx(4 / (4 + 0.01 + 0.04 + 0.09 + 0.16))

@@ -765,11 +765,11 @@ def test_gaussian_last_step_is_exact_for_a_diagonal_gaussian():
 
     mean = torch.tensor([0.4, -1.0, 0.2], dtype=torch.float64)
     a = torch.tensor([0.01, 0.3, 1.5], dtype=torch.float64) ** 2  # the variances
-    data = GaussianMixture(mean[None], a.sqrt()[None])
+    field = GaussianMixture(mean[None], a.sqrt()[None]).probability_flow()  # ε(x̄, σ), as field(σ, x̄)
     g = torch.Generator().manual_seed(7)
 
     def evaluation(x_bar, sigma):
-        return Evaluation(sigma, x_bar, data.eps(x_bar / math.sqrt(1 + sigma**2), 1 / (1 + sigma**2)))
+        return Evaluation(sigma, x_bar, field(torch.tensor(sigma, dtype=torch.float64), x_bar))
 
     s_1, s_2 = 0.05, 0.4
     x_1 = mean + torch.randn(16, 3, generator=g, dtype=torch.float64) * torch.sqrt(a + s_1**2)
@@ -814,7 +814,7 @@ def test_last_steps_measured_orders_on_smooth_data():
 
     def evaluation(sigma):
         x_bar = state(sigma)
-        return Evaluation(sigma, x_bar, data.eps(x_bar / math.sqrt(1 + sigma**2), 1 / (1 + sigma**2)))
+        return Evaluation(sigma, x_bar, field(torch.tensor(sigma, dtype=torch.float64), x_bar))
 
     x0 = state(0.0)
     errors = {}

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..mixture import GaussianMixture
 from ..schedules import Schedule
 
-__all__ = ["KINDS", "Kind", "family", "random_mixture", "reference_x0"]
+__all__ = ["KINDS", "Kind", "family", "point_errors", "random_mixture", "reference_x0"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +98,17 @@ def reference_x0(mixture: GaussianMixture, schedule: Schedule, x_T: Tensor, *, r
     span = torch.tensor([sigma_max, 0.0], dtype=torch.float64)
     out = odeint(f, x_T.to(torch.float64) * math.sqrt(1 + sigma_max**2), span, rtol=rtol, atol=atol, method="dopri5")
     return out[-1], f.nfe
+
+
+def point_errors(x: Tensor, ref: Tensor, means: Tensor) -> dict:
+    """How the errors of samples ``x`` [N, d] against the reference ``ref`` are spread, beyond their RMS.
+
+    ``median``: the median point's error ‖x - ref‖; ``switched``: how many points end nearest another
+    mode's mean (``means`` [K, d]) than the reference does, a miss of the distance between modes after
+    a small error near the boundary of two modes' basins; ``switched_share``: the share of the squared
+    error those points carry.
+    """
+    err = (x - ref).pow(2).sum(1)
+    switched = torch.cdist(x, means).argmin(1) != torch.cdist(ref, means).argmin(1)
+    return dict(median=err.sqrt().median().item(), switched=int(switched.sum()),
+                switched_share=(err[switched].sum() / err.sum().clamp_min(1e-300)).item())
