@@ -800,7 +800,16 @@ def sample_euler_t(model: Model, x_T: Tensor, schedule: Schedule, timesteps, *, 
 
 
 class ConvergenceError(ArithmeticError):
-    """An iteration did not reach its tolerance; the message gives the residual and what to change."""
+    """An iteration did not reach its tolerance; the message gives the residual and what to change.
+
+    Where the iteration ran on a batch, nothing is lost with it: ``x`` holds the result for every sample
+    (for those that did not converge, the best iterate reached) and ``converged``, a bool tensor [B],
+    says which samples reached the tolerance. Both are None where there is no batch result.
+    """
+
+    def __init__(self, message: str, x: Tensor | None = None, converged: Tensor | None = None):
+        super().__init__(message)
+        self.x, self.converged = x, converged
 
 
 def _anderson_step(f: Tensor, dx: Tensor, df: Tensor) -> Tensor:
@@ -837,7 +846,7 @@ def _push(columns: Tensor, new: Tensor, where: Tensor) -> Tensor:
 
 
 def fixed_point(g: Callable[[Tensor], Tensor], x: Tensor, *, tol: float, max_iterations: int,
-                memory: int = 5) -> tuple[Tensor, int, float]:
+                memory: int = 5, held: Tensor | None = None) -> tuple[Tensor, int, float]:
     """Solve x = g(x) for a batch [B, …], each sample by Anderson acceleration with a safeguard.
 
     Plain iteration x ← g(x) converges at the rate of g's largest Jacobian eigenvalue, which for DDIM
@@ -858,10 +867,14 @@ def fixed_point(g: Callable[[Tensor], Tensor], x: Tensor, *, tol: float, max_ite
     The halving of the plain step always ends (accepted) when y ↦ y - g(y) is monotone with a positive
     definite Jacobian, which is the case of DDIM inversion with the exact ε (see :func:`encode`). Each
     sample stops at ‖g(x) - x‖ ≤ ``tol`` · ‖g(x)‖ and is held there while the others go on (its row is
-    still evaluated with the batch). Returns (g(x) of every sample where it stopped, evaluations of g,
-    the largest relative residual). Raises :class:`ConvergenceError` after ``max_iterations`` evaluations.
+    still evaluated with the batch). The samples where ``held`` (bool [B]) is true are not solved: they
+    are returned as they are given. Returns (g(x) of every sample where it stopped, evaluations of g,
+    the largest relative residual of the samples solved). After ``max_iterations`` evaluations raises
+    :class:`ConvergenceError`, whose ``x`` holds that result for the samples that stopped, g(x) at the best
+    iterate for the others, and whose ``converged`` says which stopped (held samples count as stopped).
     """
     B, shape = x.shape[0], x.shape
+    held = torch.zeros(B, dtype=torch.bool, device=x.device) if held is None else held.to(x.device)
 
     def evaluate(y):  # g(y) and the residual f = g(y) - y, flattened, in float64
         g_y = g(y.reshape(shape).to(x.dtype)).reshape(B, -1).double()
@@ -869,8 +882,8 @@ def fixed_point(g: Callable[[Tensor], Tensor], x: Tensor, *, tol: float, max_ite
 
     y = x.reshape(B, -1).double()
     g_y, f = evaluate(y)
-    relative = f.norm(dim=1) / g_y.norm(dim=1).clamp_min(1e-300)
-    done, out = relative <= tol, g_y
+    relative = torch.where(held, 0.0, f.norm(dim=1) / g_y.norm(dim=1).clamp_min(1e-300))
+    done, out = held | (relative <= tol), torch.where(held[:, None], y, g_y)
     m = min(memory, y.shape[1])
     dx, df = y.new_zeros(*y.shape, m), y.new_zeros(*y.shape, m)  # accepted steps and residual changes
     filled = torch.zeros(B, dtype=torch.long, device=y.device)  # steps in memory
@@ -880,8 +893,10 @@ def fixed_point(g: Callable[[Tensor], Tensor], x: Tensor, *, tol: float, max_ite
     k = 1  # evaluations of g
     while not bool(done.all()):
         if k == max_iterations:
+            best = torch.where(done[:, None], out, y + f)  # g at the accepted iterate where a sample did not stop
             raise ConvergenceError(f"the fixed-point iteration did not converge: relative residual "
-                                   f"{relative.max().item():.3g} after {max_iterations} evaluations (tol {tol:g})")
+                                   f"{relative.max().item():.3g} after {max_iterations} evaluations (tol {tol:g})",
+                                   best.reshape(shape).to(x.dtype), done.clone())
         k += 1
         anderson = filled > 0
         p = torch.where(fresh[:, None], _anderson_step(f, dx, df), p)
@@ -971,6 +986,11 @@ def encode(model: Model, x0: Tensor, schedule: Schedule, timesteps, method: str 
       Heun's misses some x̄_i at S = 10 on narrow modes (Levenberg–Marquardt with exact Jacobians stalls
       there too, at residuals up to 0.8 relative), and :class:`ConvergenceError` is then the answer.
 
+    Where some samples of the batch do not converge, the others are not lost: each failed sample keeps
+    its best iterate, takes the explicit Euler step up at each later step (``"exact"``), and the encode
+    goes on to the end, then raises :class:`ConvergenceError` naming the first step that failed. Its
+    ``x`` holds x_T for every sample, its ``converged`` (bool [B]) marks those encoded to ``tol``.
+
     ``stats``, if a dict, receives ``"nfe"``, the model evaluations of the whole encode (each a call on
     the batch), and ``"iterations"``, the evaluations of the fixed-point map of each implicit step: the
     first step's, then with ``inversion="exact"`` one per step above it (one of Φ costs the method's
@@ -1004,20 +1024,28 @@ def encode(model: Model, x0: Tensor, schedule: Schedule, timesteps, method: str 
         return eps_field(x_bar, sigma)
 
     s_1 = sigmas[0]
+    failures: list[str] = []  # the first failed step's message and advice
     try:
         x_bar, k, _ = fixed_point(lambda y: torch.add(x0, field(y, s_1), alpha=s_1), x0, tol=tol, max_iterations=max_iterations)
+        failed = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
     except ConvergenceError as err:
-        raise ConvergenceError(f"encode's first step (0 → σ(τ_1) = {s_1:.4g}): {err}; raise max_iterations or tol, "
-                               "or start τ at a smaller timestep") from None
+        failures.append(f"encode's first step (0 → σ(τ_1) = {s_1:.4g}): {err}; raise max_iterations or tol, "
+                        "or start τ at a smaller timestep")
+        x_bar, k, failed = err.x, max_iterations, ~err.converged
     iterations = [k]
     if len(sigmas) > 1 and inversion == "explicit":
         x_bar = integrate(field, x_bar, sigmas, method, progress=progress)
     elif len(sigmas) > 1:
         x_bar = _invert_steps(field, x0, x_bar, sigmas, times, method, tol=tol, max_iterations=max_iterations,
-                              iterations=iterations, progress=progress)
+                              iterations=iterations, failed=failed, failures=failures, progress=progress)
     if stats is not None:
         stats.update(nfe=nfe, iterations=iterations)
-    return x_bar / math.sqrt(1 + sigmas[-1] ** 2)
+    x_T = x_bar / math.sqrt(1 + sigmas[-1] ** 2)
+    if failures:
+        raise ConvergenceError(f"{failures[0]}. {int(failed.sum())} of {len(x0)} samples did not converge; the "
+                               "error's x holds x_T for every sample (exact for those where its converged is true)",
+                               x_T, ~failed)
+    return x_T
 
 
 def step_monotonicity(model: Model, schedule: Schedule, x_bar: Tensor, sigma_b: float, sigma_a: float, *,
@@ -1058,7 +1086,8 @@ def _gaussian_gain(method: str, s_b: float, s_a: float, c: float) -> float:
 
 
 def _invert_steps(field: Field, x0: Tensor, x_bar: Tensor, sigmas: list[float], times: list[float], method: str, *,
-                  tol: float, max_iterations: int, iterations: list[int], progress: bool) -> Tensor:
+                  tol: float, max_iterations: int, iterations: list[int], failed: Tensor, failures: list[str],
+                  progress: bool) -> Tensor:
     """:func:`encode`'s steps above the first with ``inversion="exact"``: from x̄ at σ_1 = ``sigmas[0]`` up to
     ``sigmas[-1]``, each x̄_{i+1} solving Φ(x̄_{i+1}) = x̄_i for the decoding step Φ of ``method`` (one-step).
 
@@ -1068,6 +1097,10 @@ def _invert_steps(field: Field, x0: Tensor, x_bar: Tensor, sigmas: list[float], 
     where β = 1 (the plain iteration) contracts only by 1 - ρ far above the data's scale. The tolerance
     is scaled by β too, so that whatever β it bounds ‖Φ(y) - x̄_i‖ ≤ ``tol`` ‖x̄_{i+1}‖ (x̄_{i+1}: the
     iterate returned, one step on from y).
+
+    A sample whose solve does not converge keeps its best iterate and from then on takes the explicit
+    Euler step up (the solve's starting point, held there), so that the others go on; ``failed`` (bool [B])
+    marks such samples, in place, and ``failures`` receives the message of the first step that had one.
     """
     eps = (x_bar - x0) / sigmas[0]  # ε(x̄_1, σ_1) from the first step's equation, x̄_1 = x_0 + σ_1 ε
     c = x0.double().pow(2).mean().item()  # the data's scale c = mean x_0², per coordinate
@@ -1088,11 +1121,13 @@ def _invert_steps(field: Field, x0: Tensor, x_bar: Tensor, sigmas: list[float], 
 
         try:
             x_bar, k, _ = fixed_point(g, torch.add(x_bar, eps, alpha=s_b - s_a), tol=tol * beta,
-                                      max_iterations=max_iterations)
+                                      max_iterations=max_iterations, held=failed)
         except ConvergenceError as err:
-            raise ConvergenceError(f"encode's step {i + 1} of {len(sigmas)} (τ_{i} = {times[i - 1]:g} → τ_{i + 1} = "
-                                   f"{times[i]:g}, σ {s_a:.4g} → {s_b:.4g}), inverting {method}'s decoding step: {err}; "
-                                   "raise max_iterations or tol, or use more timesteps") from None
+            failures.append(f"encode's step {i + 1} of {len(sigmas)} (τ_{i} = {times[i - 1]:g} → τ_{i + 1} = "
+                            f"{times[i]:g}, σ {s_a:.4g} → {s_b:.4g}), inverting {method}'s decoding step: {err}; "
+                            "raise max_iterations or tol, or use more timesteps")
+            x_bar, k = err.x, max_iterations
+            failed |= ~err.converged
         iterations.append(k)
         eps = start[0]
     return x_bar
