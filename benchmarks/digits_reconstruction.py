@@ -7,10 +7,11 @@ interpolation with the shipped digits model.
   DDIM (η = 0) on the same τ, the paper's ``uniform`` τ, which starts at t = 0. Reported: the
   per-dimension MSE with pixels in [0, 1] (the model's [-1, 1] halved), as the paper's Table 2,
   with its standard error over images, and the same after clamping the decoded digits to [-1, 1].
-  An encode that raises :class:`~ddim_edu.solvers.ConvergenceError` is reported as such.
+  Where the encode does not converge for some digits (:class:`~ddim_edu.solvers.ConvergenceError`),
+  the MSE is over the digits it inverted, and how many those are is reported.
 - **Exact inversion** (``inversion="exact"``, for S in ``--exact-steps``): each upward step solved so that
-  DDIM's step maps it back, with the evaluations it costs. Where it does not converge, the report shows
-  why it may not: for the exact ε, DDIM's step Φ from σ(τ_2) down to σ(τ_1) has a Jacobian whose
+  DDIM's step maps it back, with the evaluations it costs and the digits it inverts. Where it does not
+  converge, the report shows why it may not: for the exact ε, DDIM's step Φ from σ(τ_2) down to σ(τ_1) has a Jacobian whose
   symmetric part is at least ρ = σ(τ_1)/σ(τ_2) in every direction (so Φ is a bijection, see
   :func:`ddim_edu.solvers.encode`); the network's is measured at each digit's explicit encode.
 - **Consistency** (Section 5.2): the same x_T decoded with DDIM at several S; the RMS difference
@@ -45,7 +46,8 @@ from ddim_edu.image.pretrained import load_unet  # noqa: E402
 from ddim_edu.interpolation import slerp  # noqa: E402
 from ddim_edu.paper import TABLE2_RECONSTRUCTION_MSE  # noqa: E402
 from ddim_edu.schedules import linear_schedule  # noqa: E402
-from ddim_edu.solvers import ConvergenceError, encode, sample, step_monotonicity  # noqa: E402
+from ddim_edu.evaluation.inversion import round_trip, second_step_monotonicity  # noqa: E402
+from ddim_edu.solvers import encode, sample  # noqa: E402
 
 STEPS = (10, 20, 50, 100, 200, 500, 1000)
 EXACT_STEPS = (10, 20, 50, 100)
@@ -56,34 +58,36 @@ SMOKE = dict(n=8, steps=(2, 4, 8), exact_steps=(2, 4), consistency_steps=(2, 4, 
 
 
 def reconstruct(model, schedule, x0, S: int, spacing: str, inversion: str = "explicit") -> dict:
-    """x_0 → x_T → x_0 on S timesteps of ``spacing``; the MSEs in [0, 1] pixels and the encode's evaluations,
-    or the encode's failure."""
-    tau = schedule.timesteps(S, spacing)
-    start, stats = time.perf_counter(), {}
-    try:
-        x_T = encode(model, x0, schedule, tau, "euler", inversion=inversion, stats=stats)
-    except ConvergenceError as err:
-        return {"error": str(err), "seconds": time.perf_counter() - start}
-    x_rec = sample(model, x_T, schedule, tau, method="ddim")
-    seconds = time.perf_counter() - start
-    out = {"seconds": seconds, "encode_nfe": stats["nfe"], "decode_nfe": len(tau)}
-    for key, x in (("mse", x_rec), ("mse_clamped", x_rec.clamp(-1, 1))):
-        per_image = ((x - x0) / 2).pow(2).flatten(1).mean(1)  # pixels in [0, 1]: (x + 1)/2
+    """x_0 → x_T → x_0 on S timesteps of ``spacing`` (:func:`~ddim_edu.evaluation.inversion.round_trip`): the MSEs
+    in [0, 1] pixels over the digits the encode inverted, how many those are, its evaluations and its failure."""
+    start = time.perf_counter()
+    r = round_trip(model, schedule, x0, schedule.timesteps(S, spacing), "euler", inversion=inversion)
+    ok = r["converged"]
+    out = {"seconds": time.perf_counter() - start, "encode_nfe": r["nfe"], "decode_nfe": S, "inverted": int(ok.sum()),
+           "n": len(x0), "failure": r["failure"], "ok": ok, "per_image": r["mse"] / 4}  # pixels in [0, 1]: (x + 1)/2
+    if not ok.any():
+        return out
+    for key, x in (("mse", r["x0_back"]), ("mse_clamped", r["x0_back"].clamp(-1, 1))):
+        per_image = ((x - x0) / 2).pow(2).flatten(1).mean(1)[ok]
         out[key] = per_image.mean().item()
-        out[key + "_se"] = (per_image.std() / math.sqrt(len(per_image))).item()
-    out["x_T_std"] = x_T.std().item()
+        out[key + "_se"] = (per_image.std() / math.sqrt(len(per_image))).item() if len(per_image) > 1 else math.nan
+    out["x_T_std"] = r["x_T"][ok].std().item()
     return out
 
 
+def inverted(r: dict) -> str:
+    """' (k of n digits)' where the encode inverted only some of the digits, else ''."""
+    return "" if r["inverted"] == r["n"] else f" ({r['inverted']} of {r['n']} digits)"
+
+
 def monotonicity_report(model, schedule, x0, S: int, spacing: str) -> dict:
-    """:func:`ddim_edu.solvers.step_monotonicity` of DDIM's step σ(τ_2) → σ(τ_1) at each digit's explicit encode
-    to σ(τ_2) (the Euler step up from x̄_1): the smallest value, and at how many digits it is below ρ or below 0."""
+    """:func:`~ddim_edu.evaluation.inversion.second_step_monotonicity` at each digit: the smallest value, and at how
+    many digits it is below ρ or below 0."""
     tau = schedule.timesteps(S, spacing)
-    s_1, s_2 = schedule.sigma(tau[:2]).tolist()
-    x_bar = encode(model, x0, schedule, tau[:2], "euler") * math.sqrt(1 + s_2 ** 2)  # x̄ = x_T sqrt(1 + σ²)
-    lowest = step_monotonicity(model, schedule, x_bar, s_2, s_1)
-    return {"rho": s_1 / s_2, "min": lowest.min().item(), "below_rho": int((lowest < s_1 / s_2).sum()),
-            "negative": int((lowest < 0).sum()), "n": len(lowest), "sigmas": (s_1, s_2), "timesteps": tau[:2].tolist()}
+    rho, lowest = second_step_monotonicity(model, schedule, x0, tau)
+    return {"rho": rho, "min": lowest.min().item(), "below_rho": int((lowest < rho).sum()),
+            "negative": int((lowest < 0).sum()), "n": len(lowest), "sigmas": tuple(schedule.sigma(tau[:2]).tolist()),
+            "timesteps": tau[:2].tolist()}
 
 
 def wrapped(title: str, fig) -> str:
@@ -118,14 +122,14 @@ def main(argv=None) -> Path:
     results = {}
     for S in args.steps:
         results[S] = r = reconstruct(model, schedule, x0, S, args.spacing)
-        print(f"S = {S}: " + (f"encode failed: {r['error']}" if "error" in r else
-                              f"MSE {r['mse']:.3g} ± {r['mse_se']:.2g} (clamped {r['mse_clamped']:.3g}), {r['seconds']:.1f} s"),
-              flush=True)
+        print(f"S = {S}: " + (f"encode failed: {r['failure']}" if "mse" not in r else
+                              f"MSE {r['mse']:.3g} ± {r['mse_se']:.2g} (clamped {r['mse_clamped']:.3g}){inverted(r)}, "
+                              f"{r['seconds']:.1f} s"), flush=True)
     exact = {}
     for S in args.exact_steps:
         exact[S] = r = reconstruct(model, schedule, x0, S, args.spacing, inversion="exact")
-        print(f"S = {S}, exact: " + (f"encode failed: {r['error']}" if "error" in r else
-                                     f"MSE {r['mse']:.3g} ± {r['mse_se']:.2g}, {r['encode_nfe']} evaluations, "
+        print(f"S = {S}, exact: " + (f"encode failed: {r['failure']}" if "mse" not in r else
+                                     f"MSE {r['mse']:.3g} ± {r['mse_se']:.2g}{inverted(r)}, {r['encode_nfe']} evaluations, "
                                      f"{r['seconds']:.1f} s"), flush=True)
     monotone = {S: monotonicity_report(model, schedule, x0, S, args.spacing) for S in args.exact_steps}
     table2_seconds = time.perf_counter() - start
@@ -156,8 +160,8 @@ def main(argv=None) -> Path:
     seconds = time.perf_counter() - start
 
     # --- the report ---
-    ok = [S for S in args.steps if "error" not in results[S]]
-    failed = [S for S in args.steps if "error" in results[S]]
+    ok = [S for S in args.steps if "mse" in results[S]]
+    failed = [S for S in args.steps if results[S]["failure"]]
     lines = [
         "# Reconstruction, consistency and interpolation on 8×8 digits (the paper's Table 2, Sections 5.2–5.3)"
         + (" — SMOKE RUN (meaningless numbers)" if args.smoke else ""),
@@ -177,34 +181,37 @@ def main(argv=None) -> Path:
         "",
         "| S | " + " | ".join(str(S) for S in args.steps) + " |",
         "|---" * (len(args.steps) + 1) + "|",
-        "| digits, DDIM | " + " | ".join("encode failed" if "error" in results[S] else
-                                         f"{results[S]['mse']:.2e} ± {results[S]['mse_se']:.0e}" for S in args.steps) + " |",
-        "| digits, DDIM, clamped | " + " | ".join("–" if "error" in results[S] else f"{results[S]['mse_clamped']:.2e}"
+        "| digits, DDIM | " + " | ".join("encode failed" if "mse" not in results[S] else
+                                         f"{results[S]['mse']:.2e} ± {results[S]['mse_se']:.0e}{inverted(results[S])}"
+                                         for S in args.steps) + " |",
+        "| digits, DDIM, clamped | " + " | ".join("–" if "mse" not in results[S] else f"{results[S]['mse_clamped']:.2e}"
                                                  for S in args.steps) + " |",
         "| digits, DDIM, exact inversion | " + " | ".join(
-            "–" if S not in exact else "no inverse found" if "error" in exact[S]
-            else f"{exact[S]['mse']:.2e} ± {exact[S]['mse_se']:.0e}" for S in args.steps) + " |",
+            "–" if S not in exact else "no inverse found" if "mse" not in exact[S]
+            else f"{exact[S]['mse']:.2e} ± {exact[S]['mse_se']:.0e}{inverted(exact[S])}" for S in args.steps) + " |",
         "| paper, CIFAR-10 (DDIM) | " + " | ".join(f"{TABLE2_RECONSTRUCTION_MSE[S]:g}" if S in TABLE2_RECONSTRUCTION_MSE
                                                   else "–" for S in args.steps) + " |",
-        "| encode's evaluations, explicit | " + " | ".join("–" if "error" in results[S] else str(results[S]["encode_nfe"])
-                                                         for S in args.steps) + " |",
+        "| encode's evaluations, explicit | " + " | ".join(str(results[S]["encode_nfe"]) for S in args.steps) + " |",
         "| encode's evaluations, exact | " + " | ".join(
-            "–" if S not in exact or "error" in exact[S] or "error" in results[S]
-            else f"{exact[S]['encode_nfe']} ({exact[S]['encode_nfe'] / results[S]['encode_nfe']:.1f}×)"
+            "–" if S not in exact else f"{exact[S]['encode_nfe']} ({exact[S]['encode_nfe'] / results[S]['encode_nfe']:.1f}×)"
             for S in args.steps) + " |",
         "",
     ]
     if failed:
-        lines += ["Explicit encodes that failed: " + "; ".join(f"S = {S}: {results[S]['error']}" for S in failed) + ".", ""]
+        lines += ["Explicit encodes that failed for some digits: " + "; ".join(
+            f"S = {S}: {results[S]['failure']}{inverted(results[S])}" for S in failed) + ".", ""]
     else:
         lines += [f"Every explicit encode converged (S = {', '.join(map(str, args.steps))}).", ""]
-    converged = [S for S in args.exact_steps if "error" not in exact[S] and S in results and "error" not in results[S]]
-    lines += [("Exact inversion (`encode(..., inversion=\"exact\")`, default tolerance, the decode unchanged)"
-               + (": " + "; ".join(f"S = {S}: MSE {exact[S]['mse']:.2e} against {results[S]['mse']:.2e} explicit "
-                                   f"({results[S]['mse'] / exact[S]['mse']:.2g}× lower) for {exact[S]['encode_nfe']} "
+    converged = [S for S in args.exact_steps if "mse" in exact[S] and S in results]
+    same_digits = {S: results[S]["per_image"][exact[S]["ok"]].mean().item() for S in converged}  # explicit, same digits
+    lines += [("Exact inversion (`encode(..., inversion=\"exact\")`, default tolerance, the decode unchanged; where it "
+               "inverts only some digits, `ConvergenceError` keeps them and their mask, and the MSEs are over those)"
+               + (": " + "; ".join(f"S = {S}: {exact[S]['inverted']} of {exact[S]['n']} digits inverted, MSE "
+                                   f"{exact[S]['mse']:.2e} against {same_digits[S]:.2e} explicit on the same digits "
+                                   f"({same_digits[S] / exact[S]['mse']:.2g}× lower), for {exact[S]['encode_nfe']} "
                                    f"encode evaluations instead of {results[S]['encode_nfe']}" for S in converged)
-                  if converged else " converged at no S")
-               + "." + "".join(f" At S = {S}: {exact[S]['error']}." for S in args.exact_steps if "error" in exact[S])), ""]
+                  if converged else " inverted no digit at any S")
+               + "." + "".join(f" At S = {S}: {exact[S]['failure']}." for S in args.exact_steps if exact[S]["failure"])), ""]
     lines += [
         ("The exact ε's guarantee does not cover the network: for the exact ε, DDIM's step Φ(y) = y + (σ_1 − σ_2) "
          "ε(y, σ_2) from σ_2 = σ(τ_2) down to σ_1 = σ(τ_1) has a Jacobian whose symmetric part is at least ρ = σ_1/σ_2 "
@@ -212,11 +219,11 @@ def main(argv=None) -> Path:
          "inverse. The network's Jacobian, at each digit's explicit encode to σ_2 (autograd, smallest eigenvalue "
          "of (J + Jᵀ)/2), against whether the exact encode found the inverse:"),
         "",
-        "| S | τ_1 → τ_2 | σ_1 → σ_2 | ρ | smallest eigenvalue | digits below ρ | digits below 0 | exact inverse |",
+        "| S | τ_1 → τ_2 | σ_1 → σ_2 | ρ | smallest eigenvalue | digits below ρ | digits below 0 | exact inverse found |",
         "|---|---|---|---|---|---|---|---|",
         *(f"| {S} | {m['timesteps'][0]:g} → {m['timesteps'][1]:g} | {m['sigmas'][0]:.3g} → {m['sigmas'][1]:.3g} | "
           f"{m['rho']:.3f} | {m['min']:.3f} | {m['below_rho']} of {m['n']} | {m['negative']} of {m['n']} | "
-          + ("not found" if "error" in exact[S] else "found") + " |" for S, m in monotone.items()),
+          + f"{exact[S]['inverted']} of {exact[S]['n']} digits |" for S, m in monotone.items()),
         "",
     ]
     if len(ok) >= 2:
