@@ -497,7 +497,7 @@ def extrapolated_x0(d_1: Tensor, d_2: Tensor, s_1: float, s_2: float) -> Tensor:
     return d_1 + s_1**2 * (d_1 - d_2) / (s_2**2 - s_1**2)
 
 
-def gaussian_x0(last: Evaluation, previous: Evaluation) -> Tensor:
+def gaussian_x0(last: Evaluation, previous: Evaluation, x_bar: Tensor | None = None) -> Tensor:
     """x_0 from the last two evaluations (at σ_1 < σ_2), exact when the data are locally one Gaussian N(m, diag(a)).
 
     For such data (mean m, variance a, coordinate by coordinate) the x_0 prediction is
@@ -507,7 +507,13 @@ def gaussian_x0(last: Evaluation, previous: Evaluation) -> Tensor:
         a = (D_1 - D_2) / (ε_1/σ_1 - ε_2/σ_2),   m = D_1 - a ε_1/σ_1,
 
     and along Eq 14's exact path x̄(σ) - m ∝ sqrt(a + σ²), so x_0 = m + (x̄_1 - m) sqrt(a/(a + σ_1²)).
-    With x̄_1 the state the last evaluation was made at, no further evaluation is needed. Where the
+    No further evaluation is needed. The fit (m, a) describes the data, not the state it was read at,
+    so the path may start from any state at σ_1: ``x_bar``, the solve's own x̄_1 (default: the state
+    the last evaluation was made at, ``last.x``, which it is for a one-step method). A
+    predictor–corrector method (unipc, pc_sigma) evaluates at its predicted x̄_1 and then corrects it
+    with that evaluation; :func:`solve` starts from the corrected x̄_1, the method's own state at σ_1
+    (what it returns when the solve stops there; its local error is an order higher than the predicted
+    state's), so that the last step continues the solve's trajectory. Where the
     fit is not a Gaussian (a ≤ 0 or not finite: the sample still moves between modes, or ε does not
     change), a = 0 is taken, and the step is the Euler (= DDIM) step, x_0 = D_1. For mixtures whose
     modes are narrower than σ_1 the Euler step leaves an error of the order of a mode's width sqrt(a)
@@ -523,7 +529,8 @@ def gaussian_x0(last: Evaluation, previous: Evaluation) -> Tensor:
     a = (last.denoised - previous.denoised) / slope  # the mode's variance, per coordinate
     a = torch.where(torch.isfinite(a) & (a > 0), a, torch.zeros_like(a))  # no Gaussian fit: the Euler step
     mean = last.denoised - a * last.eps / s_1  # m = D - a ε/σ
-    return mean + (last.x - mean) * torch.sqrt(a / (a + s_1**2))  # the exact path from x̄_1 down to σ = 0
+    x_1 = last.x if x_bar is None else x_bar
+    return mean + (x_1 - mean) * torch.sqrt(a / (a + s_1**2))  # the exact path from x̄_1 down to σ = 0
 
 
 def solve(method: str, x_bar: Tensor, sigmas: Sequence[float], *, final_step: str = "euler",
@@ -532,7 +539,8 @@ def solve(method: str, x_bar: Tensor, sigmas: Sequence[float], *, final_step: st
     """One solve of Eq 14 along ``sigmas`` as a request generator: yields (x̄, σ), receives ε_θ(x̄, σ),
     returns x̄ at ``sigmas[-1]`` (see the module docstring). ``trajectory``, if a list, receives x̄
     after every step. ``final_step="extrapolate"`` replaces the last step's D_1 by :func:`extrapolated_x0`,
-    ``"gaussian"`` by :func:`gaussian_x0`.
+    ``"gaussian"`` by :func:`gaussian_x0` along the path from the solve's x̄_1 (a predictor–corrector
+    method's corrected state, not the predicted one its last evaluation was made at).
 
     ``own_states=True`` says that the states are the solve's own, ``x_bar`` included: whoever answers
     the requests keeps no reference to the x̄ it is shown and returns an ε that is not x̄ (as
@@ -545,9 +553,11 @@ def solve(method: str, x_bar: Tensor, sigmas: Sequence[float], *, final_step: st
     step = m.step_in_place if in_place else m.step
     history: list[Evaluation] = []
     pairs = list(zip(sigmas[:-1], sigmas[1:]))
+    x_start = x_bar  # the state each step starts from (after the loop: x̄ at the last level above 0)
     for s, s_next in tqdm(pairs, desc=method, leave=False) if progress else pairs:
         if not (m.reuses_last and history):
             history.append(Evaluation(s, x_bar, (yield x_bar, s)))  # the evaluation at the start of the step
+        x_start = x_bar
         out = step(x_bar, s, s_next, history)
         x_bar = (yield from out) if isinstance(out, GeneratorType) else out
         del history[:-3]  # the steps read at most the last three evaluations
@@ -556,7 +566,7 @@ def solve(method: str, x_bar: Tensor, sigmas: Sequence[float], *, final_step: st
     if final_step != "euler":  # every method's last step returned D_1, the x_0 prediction at σ_1
         last, previous = history[-1], history[-2]
         x_bar = (extrapolated_x0(last.denoised, previous.denoised, last.sigma, previous.sigma)
-                 if final_step == "extrapolate" else gaussian_x0(last, previous))
+                 if final_step == "extrapolate" else gaussian_x0(last, previous, x_start))  # from the corrected x̄_1
         if trajectory is not None:
             trajectory[-1] = x_bar
     return x_bar

@@ -833,6 +833,29 @@ def test_gaussian_last_step_is_exact_for_a_diagonal_gaussian():
     torch.testing.assert_close(out, mean + (x_1 - mean) * torch.sqrt(a / (a + s_1**2)), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["unipc", "pc_sigma"])
+def test_gaussian_last_step_starts_from_the_corrected_state(method):
+    """A predictor–corrector method evaluates at its predicted x̄_1 and then corrects it; the Gaussian last step
+    continues the solve's own state at σ_1, the corrected one (what the solve returns when it stops at σ_1), not
+    the predicted one: on a diagonal Gaussian, x_0 is the exact path m + (x̄_1 - m) sqrt(a/(a + σ_1²)) from it."""
+    mean = torch.tensor([0.4, -1.0, 0.2], dtype=torch.float64)
+    a = torch.tensor([0.05, 0.3, 1.5], dtype=torch.float64) ** 2
+    field = GaussianMixture(mean[None], a.sqrt()[None]).probability_flow()
+    calls = []
+
+    def eps(x_bar, sigma):  # records where the solve evaluates
+        calls.append((sigma, x_bar))
+        return field(torch.tensor(sigma, dtype=torch.float64), x_bar)
+
+    sigmas = [*torch.logspace(math.log10(80.0), -1, 8, dtype=torch.float64).tolist(), 0.0]
+    x_bar = torch.randn(64, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * math.sqrt(1 + sigmas[0] ** 2)
+    out = integrate(eps, x_bar, sigmas, method, final_step="gaussian")
+    predicted = calls[-1][1]  # the last evaluation's state, at σ_1
+    corrected = integrate(eps, x_bar, sigmas[:-1], method)  # the solve's own x̄ at σ_1
+    assert calls[-1][0] == sigmas[-2] and (corrected - predicted).abs().max() > 1e-3  # the two states differ
+    torch.testing.assert_close(out, mean + (corrected - mean) * torch.sqrt(a / (a + sigmas[-2] ** 2)), rtol=0, atol=1e-12)
+
+
 def test_gaussian_last_step_falls_back_to_euler_where_no_gaussian_fits():
     """A point mass (D constant, a = 0) and a fit with a < 0 both give the Euler step's D_1."""
     from ddim_edu.solvers import Evaluation, gaussian_x0
