@@ -512,8 +512,8 @@ def gaussian_x0(last: Evaluation, previous: Evaluation, x_bar: Tensor | None = N
     the last evaluation was made at, ``last.x``, which it is for a one-step method). A
     predictor–corrector method (unipc, pc_sigma) evaluates at its predicted x̄_1 and then corrects it
     with that evaluation; :func:`solve` starts from the corrected x̄_1, the method's own state at σ_1
-    (what it returns when the solve stops there; its local error is an order higher than the predicted
-    state's), so that the last step continues the solve's trajectory. Where the
+    (what it returns when the solve stops there), so that the last step continues the solve's
+    trajectory and carries its error, not the predictor's. Where the
     fit is not a Gaussian (a ≤ 0 or not finite: the sample still moves between modes, or ε does not
     change), a = 0 is taken, and the step is the Euler (= DDIM) step, x_0 = D_1. For mixtures whose
     modes are narrower than σ_1 the Euler step leaves an error of the order of a mode's width sqrt(a)
@@ -553,11 +553,10 @@ def solve(method: str, x_bar: Tensor, sigmas: Sequence[float], *, final_step: st
     step = m.step_in_place if in_place else m.step
     history: list[Evaluation] = []
     pairs = list(zip(sigmas[:-1], sigmas[1:]))
-    x_start = x_bar  # the state each step starts from (after the loop: x̄ at the last level above 0)
     for s, s_next in tqdm(pairs, desc=method, leave=False) if progress else pairs:
         if not (m.reuses_last and history):
             history.append(Evaluation(s, x_bar, (yield x_bar, s)))  # the evaluation at the start of the step
-        x_start = x_bar
+        x_start = x_bar  # the state the step starts from (after the loop: the solve's x̄ at σ_1)
         out = step(x_bar, s, s_next, history)
         x_bar = (yield from out) if isinstance(out, GeneratorType) else out
         del history[:-3]  # the steps read at most the last three evaluations
